@@ -1,0 +1,25 @@
+"""DINOv2 backbones: ViT layers with LayerScale; the LayerScale stays per layer, outside the FF block."""
+
+from transformers import PretrainedConfig
+
+from .base import ModelAdapter, StackSpec
+
+
+class Dinov2Adapter(ModelAdapter):
+    model_types = ("dinov2",)
+    stacks = (
+        StackSpec(
+            name="encoder",
+            layers="encoder.layer",
+            ff_in=(("in", "mlp.fc1"),),
+            ff_out="mlp.fc2",
+            attn_out="attention.o_proj",
+            num_layers_key="num_hidden_layers",
+        ),
+    )
+
+    def check_config(self, config: PretrainedConfig) -> None:
+        if getattr(config, "use_swiglu_ffn", False):
+            raise NotImplementedError(
+                "DINOv2 with use_swiglu_ffn fuses gate and up into one matrix; ffmerge supports the MLP variant"
+            )

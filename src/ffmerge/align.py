@@ -1,0 +1,148 @@
+"""Neuron alignment between FF sublayers: cross-correlation of cached features, then linear assignment.
+
+Two FF blocks can compute the same function with their hidden neurons in a different order; averaging
+them without first matching neurons mixes unrelated units. Following the paper, each non-anchor layer of a
+window is matched to the anchor by maximising the total correlation of matched neurons
+(``scipy.optimize.linear_sum_assignment``), and "vanilla" merging skips the matching (identity).
+
+A ``MergePlan`` is everything needed to rebuild a merge exactly: method, feature mode, and for each stack
+the window, the anchor and every permutation. It is saved as JSON next to the candidate's score.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from .features import FeatureStore
+
+METHODS = ("permute", "vanilla")
+ANCHORS = ("first", "middle", "last")
+CORR_EPS = 1e-8
+"""Floor on the product of standard deviations, so dead (constant) neurons give 0 instead of NaN."""
+
+
+@dataclass
+class StackAlignment:
+    """One stack's window ``[start, start + size)`` and how each member maps onto the anchor.
+
+    ``perms[j][i]`` is the neuron of layer ``j`` placed at position ``i``, i.e. matched to anchor neuron ``i``.
+    """
+
+    stack: str
+    start: int
+    size: int
+    anchor: int
+    perms: dict[int, list[int]] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[int]:
+        return list(range(self.start, self.start + self.size))
+
+
+@dataclass
+class MergePlan:
+    method: str
+    feature: str
+    stacks: list[StackAlignment]
+
+    def save(self, path: str | Path) -> None:
+        data = asdict(self)
+        for s in data["stacks"]:
+            s["perms"] = {str(k): v for k, v in s["perms"].items()}
+        Path(path).write_text(json.dumps(data))
+
+    @classmethod
+    def load(cls, path: str | Path) -> MergePlan:
+        data = json.loads(Path(path).read_text())
+        stacks = [
+            StackAlignment(**{**s, "perms": {int(k): v for k, v in s["perms"].items()}}) for s in data["stacks"]
+        ]
+        return cls(method=data["method"], feature=data["feature"], stacks=stacks)
+
+
+def anchor_layer(start: int, size: int, anchor: str) -> int:
+    """The anchor's layer index; "middle" takes the lower middle for even window sizes."""
+    if anchor not in ANCHORS:
+        raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}")
+    offset = {"first": 0, "middle": (size - 1) // 2, "last": size - 1}[anchor]
+    return start + offset
+
+
+def cross_correlation(a: torch.Tensor, b: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """Pearson correlation between every neuron of ``a`` and of ``b`` (both ``[tokens, neurons]``).
+
+    Accumulated in float64 over row chunks so float16 caches of 10k+ tokens stay exact and memory stays at
+    one chunk plus the ``[d, d]`` result.
+    """
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"features cover different token counts: {a.shape[0]} vs {b.shape[0]}")
+    n = a.shape[0]
+    sa = torch.zeros(a.shape[1], dtype=torch.float64)
+    sb = torch.zeros(b.shape[1], dtype=torch.float64)
+    ssa, ssb = torch.zeros_like(sa), torch.zeros_like(sb)
+    cross = torch.zeros(a.shape[1], b.shape[1], dtype=torch.float64)
+    for i in range(0, n, chunk):
+        xa = a[i : i + chunk].to(torch.float64)
+        xb = b[i : i + chunk].to(torch.float64)
+        sa += xa.sum(0)
+        sb += xb.sum(0)
+        ssa += (xa * xa).sum(0)
+        ssb += (xb * xb).sum(0)
+        cross += xa.T @ xb
+    ma, mb = sa / n, sb / n
+    cov = cross / n - torch.outer(ma, mb)
+    std_a = (ssa / n - ma * ma).clamp_min(0).sqrt()
+    std_b = (ssb / n - mb * mb).clamp_min(0).sqrt()
+    return cov / torch.outer(std_a, std_b).clamp_min(CORR_EPS)
+
+
+def match_neurons(corr: torch.Tensor) -> list[int]:
+    """The permutation of the second layer's neurons that maximises total correlation with the first's."""
+    rows, cols = linear_sum_assignment(corr.numpy(), maximize=True)
+    if not np.array_equal(rows, np.arange(len(rows))):
+        raise AssertionError("linear_sum_assignment returned rows out of order")
+    return cols.tolist()
+
+
+def align_window(
+    store: FeatureStore,
+    stack: str,
+    start: int,
+    size: int,
+    *,
+    anchor: str = "first",
+    method: str = "permute",
+) -> StackAlignment:
+    """Align every member of one stack's window to its anchor from the cached ``pre`` features."""
+    if method not in METHODS:
+        raise ValueError(f"merge method must be one of {METHODS}, got {method!r}")
+    n_layers = store.num_layers(stack)
+    if size < 2 or start < 0 or start + size > n_layers:
+        raise ValueError(f"window start={start} size={size} does not fit {stack} with {n_layers} layers")
+    anchor_idx = anchor_layer(start, size, anchor)
+    alignment = StackAlignment(stack=stack, start=start, size=size, anchor=anchor_idx)
+    if method == "vanilla":
+        return alignment
+    anchor_features = store.load(stack, "pre", anchor_idx)
+    for j in alignment.layers:
+        if j != anchor_idx:
+            alignment.perms[j] = match_neurons(cross_correlation(anchor_features, store.load(stack, "pre", j)))
+    return alignment
+
+
+def plan_merge(
+    store: FeatureStore,
+    windows: dict[str, tuple[int, int]],
+    *,
+    anchor: str = "first",
+    method: str = "permute",
+) -> MergePlan:
+    """A plan for ``windows`` (``{stack: (start, size)}``); encoder-decoder models pass both stacks."""
+    stacks = [align_window(store, s, start, size, anchor=anchor, method=method) for s, (start, size) in windows.items()]
+    return MergePlan(method=method, feature=store.manifest["feature"], stacks=stacks)

@@ -1,0 +1,152 @@
+"""Save and load compressed models whose tied tensors are stored once.
+
+``save_pretrained`` in transformers 5 refuses shared tensors it was not told about, and saving tied
+layers by value would make the files as large as the original. Our folder format:
+
+- ``config.json`` (and ``generation_config.json``): the model's own transformers config;
+- ``ffmerge.safetensors``: every distinct tensor once, under its first (canonical) name;
+- ``ffmerge_ties.json``: the architecture class and the tie map: which modules and parameters are the same
+  object as a canonical one.
+
+There is deliberately no ``model.safetensors``: a plain ``from_pretrained`` on this folder fails with
+"no file named model.safetensors" instead of silently initialising the missing tied layers at random.
+Use :func:`load_compressed`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig
+
+from .adapters import get_submodule, set_submodule
+
+WEIGHTS = "ffmerge.safetensors"
+TIES = "ffmerge_ties.json"
+FORMAT_VERSION = 1
+
+
+def tie_map(model: nn.Module) -> dict[str, dict[str, list[str]]]:
+    """Shared modules and shared parameters, each as ``{canonical name: [alias names]}``.
+
+    Modules first: when a whole module is shared, its parameters need no entry of their own. Parameters
+    shared across different modules (e.g. tied input and output embeddings) are listed separately.
+    """
+    modules: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name and any(True for _ in module.parameters(recurse=False)):
+            modules.setdefault(id(module), []).append(name)
+    module_ties = {names[0]: names[1:] for names in modules.values() if len(names) > 1}
+    aliased_prefixes = tuple(f"{alias}." for aliases in module_ties.values() for alias in aliases)
+    params: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if not name.startswith(aliased_prefixes):
+            params.setdefault(id(param), []).append(name)
+    param_ties = {names[0]: names[1:] for names in params.values() if len(names) > 1}
+    return {"modules": module_ties, "parameters": param_ties}
+
+
+def _alias_keys(ties: dict[str, dict[str, list[str]]], keys: list[str]) -> dict[str, str]:
+    """Every state-dict key that is an alias, mapped to its canonical key."""
+    alias: dict[str, str] = {}
+    for canon, aliases in ties["modules"].items():
+        for a in aliases:
+            for key in keys:
+                if key.startswith(f"{a}."):
+                    alias[key] = canon + key[len(a) :]
+    for canon, aliases in ties["parameters"].items():
+        for a in aliases:
+            alias[a] = canon
+    return alias
+
+
+def save_compressed(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` to ``path`` with each shared tensor once; atomic (temp folder, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    ties = tie_map(model)
+    state = model.state_dict()
+    alias = _alias_keys(ties, list(state))
+    unique = {k: v.detach().contiguous() for k, v in state.items() if k not in alias}
+    seen: dict[int, str] = {}
+    for k, v in list(unique.items()):  # tensors shared in ways the maps above miss would be saved twice
+        if v.data_ptr() in seen and v.numel() > 0:
+            raise ValueError(f"{k} shares storage with {seen[v.data_ptr()]} but is not a recorded tie")
+        seen[v.data_ptr()] = k
+    save_file(unique, str(tmp / WEIGHTS), metadata={"format": "pt"})
+    model.config.save_pretrained(tmp)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(tmp)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "architecture": type(model).__name__,
+        "ties": ties,
+        "extra": extra or {},
+    }
+    (tmp / TIES).write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return path
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    meta_path = path / TIES
+    if not meta_path.is_file():
+        raise FileNotFoundError(
+            f"{path} is not an ffmerge compressed checkpoint ({TIES} missing). Plain transformers folders load "
+            "with from_pretrained; a half-written ffmerge folder should be deleted and its step rerun"
+        )
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{meta_path}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}")
+    return meta
+
+
+def apply_ties(model: nn.Module, ties: dict[str, dict[str, list[str]]]) -> None:
+    """Make aliases the same objects as their canonical module or parameter."""
+    for canon, aliases in ties["modules"].items():
+        shared = get_submodule(model, canon)
+        for a in aliases:
+            set_submodule(model, a, shared)
+    for canon, aliases in ties["parameters"].items():
+        owner, _, name = canon.rpartition(".")
+        shared = getattr(get_submodule(model, owner), name)
+        for a in aliases:
+            a_owner, _, a_name = a.rpartition(".")
+            setattr(get_submodule(model, a_owner), a_name, shared)
+
+
+def load_compressed(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Rebuild the model from its config, restore the ties, then load every tensor strictly.
+
+    Loading is strict: a tensor missing from the file is an error, never a randomly initialised layer.
+    """
+    path = Path(path)
+    meta = read_meta(path)
+    config = AutoConfig.from_pretrained(path)
+    cls = getattr(transformers, meta["architecture"])
+    model = cls._from_config(config, dtype=dtype) if dtype is not None else cls._from_config(config)
+    apply_ties(model, meta["ties"])
+    try:
+        stored = load_file(str(path / WEIGHTS))
+    except Exception as err:
+        raise RuntimeError(f"cannot read {path / WEIGHTS}: {err}; delete {path} and rerun its step") from err
+    keys = list(model.state_dict())
+    alias = _alias_keys(meta["ties"], keys)
+    full = {k: stored[alias.get(k, k)] for k in keys if alias.get(k, k) in stored}
+    missing = sorted(set(keys) - set(full))
+    if missing:
+        raise RuntimeError(f"{path / WEIGHTS} lacks {len(missing)} tensors, e.g. {missing[:3]}; it is corrupt")
+    model.load_state_dict(full, strict=True)
+    return model.to(device).eval()

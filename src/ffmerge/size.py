@@ -1,0 +1,74 @@
+"""Size accounting as the paper reports it: parameters with embeddings, FF blocks removed, bytes.
+
+Counting distinct tensors (not names) is what makes tied layers count once; the int8 figure mirrors
+LLM.int8() storage of linear weights (one byte per weight plus one float32 scale per output row), with
+everything else kept at its current dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .adapters import get_adapter
+from .merge import ff_block_groups
+
+
+@dataclass
+class SizeReport:
+    parameters: int
+    ff_parameters: int
+    ff_blocks: int
+    ff_blocks_removed: int
+    """FF blocks saved by tying (merging); dropped layers are gone from the model and not counted here."""
+    bytes: int
+    bytes_int8_linear: int
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def _unique_params(model: nn.Module) -> list[nn.Parameter]:
+    return list(model.parameters())  # deduplicated by identity
+
+
+def _int8_bytes(model: nn.Module) -> int:
+    """Bytes if every linear weight were int8 with one float32 scale per output feature."""
+    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linear_weights: dict[int, int] = {}
+    for module in model.modules():
+        # LLM.int8() keeps the output head in high precision (bitsandbytes skips it by default)
+        if isinstance(module, (nn.Linear, Conv1D)) and module is not output_embeddings:
+            w = module.weight
+            out_features = w.shape[0] if isinstance(module, nn.Linear) else w.shape[1]
+            linear_weights[id(w)] = w.numel() + 4 * out_features
+    total = 0
+    for p in _unique_params(model):
+        total += linear_weights.get(id(p), p.numel() * p.element_size())
+    return total
+
+
+def size_report(model: nn.Module) -> SizeReport:
+    """Sizes of ``model`` as it is now (merged, dropped or original)."""
+    adapter = get_adapter(model)
+    ff_params: dict[int, int] = {}
+    blocks = removed = 0
+    for spec in adapter.stacks:
+        for i in range(adapter.num_layers(model, spec.name)):
+            for module in adapter.ff_modules(model, spec.name, i).values():
+                for p in module.parameters():
+                    ff_params[id(p)] = p.numel()
+        groups = ff_block_groups(model, spec.name)
+        blocks += len(groups)
+        removed += sum(len(g) - 1 for g in groups)
+    params = _unique_params(model)
+    return SizeReport(
+        parameters=sum(p.numel() for p in params),
+        ff_parameters=sum(ff_params.values()),
+        ff_blocks=blocks,
+        ff_blocks_removed=removed,
+        bytes=sum(p.numel() * p.element_size() for p in params),
+        bytes_int8_linear=_int8_bytes(model),
+    )
