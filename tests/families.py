@@ -77,46 +77,120 @@ def _seq2seq_masks(inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {"encoder": enc, "decoder": torch.ones_like(inputs["decoder_input_ids"], dtype=torch.bool)}
 
 
-_LM = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FF, num_hidden_layers=LAYERS,
-           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
-           bos_token_id=1, eos_token_id=2)
+_LM = dict(
+    vocab_size=VOCAB,
+    hidden_size=HIDDEN,
+    intermediate_size=FF,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 _ENC = dict(hidden_size=HIDDEN, intermediate_size=FF, num_hidden_layers=LAYERS, num_attention_heads=4)
 _IMG = dict(image_size=16, patch_size=4, num_channels=3)
-_S2S = dict(vocab_size=VOCAB, d_model=HIDDEN, encoder_ffn_dim=FF, decoder_ffn_dim=FF + 8, encoder_layers=LAYERS,
-            decoder_layers=LAYERS - 1, encoder_attention_heads=4, decoder_attention_heads=4, pad_token_id=0,
-            bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, max_position_embeddings=64)
+_S2S = dict(
+    vocab_size=VOCAB,
+    d_model=HIDDEN,
+    encoder_ffn_dim=FF,
+    decoder_ffn_dim=FF + 8,
+    encoder_layers=LAYERS,
+    decoder_layers=LAYERS - 1,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    decoder_start_token_id=1,
+    max_position_embeddings=64,
+)
 
 FAMILIES: dict[str, Family] = {
     "gpt2": Family(
         "gpt2",
-        lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_inner=FF, n_layer=LAYERS, n_head=4,
-                                               n_positions=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)),
-        _text_inputs, _logits, _text_masks, generates=True),
-    "llama": Family("llama", lambda: T.LlamaForCausalLM(T.LlamaConfig(**_LM)), _text_inputs, _logits, _text_masks,
-                    generates=True),
-    "mistral": Family("mistral", lambda: T.MistralForCausalLM(T.MistralConfig(**_LM)), _text_inputs, _logits,
-                      _text_masks, generates=True),
-    "qwen2": Family("qwen2", lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**_LM)), _text_inputs, _logits, _text_masks,
-                    generates=True),
+        lambda: T.GPT2LMHeadModel(
+            T.GPT2Config(
+                vocab_size=VOCAB,
+                n_embd=HIDDEN,
+                n_inner=FF,
+                n_layer=LAYERS,
+                n_head=4,
+                n_positions=64,
+                bos_token_id=1,
+                eos_token_id=2,
+                pad_token_id=0,
+            )
+        ),
+        _text_inputs,
+        _logits,
+        _text_masks,
+        generates=True,
+    ),
+    "llama": Family(
+        "llama", lambda: T.LlamaForCausalLM(T.LlamaConfig(**_LM)), _text_inputs, _logits, _text_masks, generates=True
+    ),
+    "mistral": Family(
+        "mistral",
+        lambda: T.MistralForCausalLM(T.MistralConfig(**_LM)),
+        _text_inputs,
+        _logits,
+        _text_masks,
+        generates=True,
+    ),
+    "qwen2": Family(
+        "qwen2", lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**_LM)), _text_inputs, _logits, _text_masks, generates=True
+    ),
     "gemma3_text": Family(
         "gemma3_text",
-        lambda: T.Gemma3ForCausalLM(T.Gemma3TextConfig(**_LM, head_dim=8, sliding_window=4,
-                                                       layer_types=["sliding_attention"] * 2 + ["full_attention"]
-                                                       + ["sliding_attention"] * 2)),
-        _text_inputs, _logits, _text_masks, generates=True),
-    "vit": Family("vit", lambda: T.ViTForImageClassification(T.ViTConfig(**_ENC, **_IMG, num_labels=5)),
-                  _image_inputs, _logits, _encoder_masks),
-    "dinov2": Family("dinov2", lambda: T.Dinov2Model(T.Dinov2Config(**_ENC, **_IMG)), _image_inputs, _hidden,
-                     _encoder_masks),
-    "bert": Family("bert", lambda: T.BertForMaskedLM(T.BertConfig(vocab_size=VOCAB, **_ENC, pad_token_id=0)),
-                   _text_inputs, _logits, _encoder_masks),
-    "marian": Family("marian", lambda: T.MarianMTModel(T.MarianConfig(**_S2S)), _seq2seq_inputs, _logits,
-                     _seq2seq_masks, generates=True),
+        lambda: T.Gemma3ForCausalLM(
+            T.Gemma3TextConfig(
+                **_LM,
+                head_dim=8,
+                sliding_window=4,
+                layer_types=["sliding_attention"] * 2 + ["full_attention"] + ["sliding_attention"] * 2,
+            )
+        ),
+        _text_inputs,
+        _logits,
+        _text_masks,
+        generates=True,
+    ),
+    "vit": Family(
+        "vit",
+        lambda: T.ViTForImageClassification(T.ViTConfig(**_ENC, **_IMG, num_labels=5)),
+        _image_inputs,
+        _logits,
+        _encoder_masks,
+    ),
+    "dinov2": Family(
+        "dinov2", lambda: T.Dinov2Model(T.Dinov2Config(**_ENC, **_IMG)), _image_inputs, _hidden, _encoder_masks
+    ),
+    "bert": Family(
+        "bert",
+        lambda: T.BertForMaskedLM(T.BertConfig(vocab_size=VOCAB, **_ENC, pad_token_id=0)),
+        _text_inputs,
+        _logits,
+        _encoder_masks,
+    ),
+    "marian": Family(
+        "marian",
+        lambda: T.MarianMTModel(T.MarianConfig(**_S2S)),
+        _seq2seq_inputs,
+        _logits,
+        _seq2seq_masks,
+        generates=True,
+    ),
     "whisper": Family(
         "whisper",
-        lambda: T.WhisperForConditionalGeneration(T.WhisperConfig(**_S2S, num_mel_bins=8, max_source_positions=16,
-                                                                  max_target_positions=64)),
-        _whisper_inputs, _logits, _seq2seq_masks),
+        lambda: T.WhisperForConditionalGeneration(
+            T.WhisperConfig(**_S2S, num_mel_bins=8, max_source_positions=16, max_target_positions=64)
+        ),
+        _whisper_inputs,
+        _logits,
+        _seq2seq_masks,
+    ),
 }
 
 

@@ -18,8 +18,9 @@ REFERENCES = {
     "gpt2": ({"decoder": "transformer.h"}, lambda c: c.update(n_layer=3)),
     "gemma3_text": (
         {"decoder": "model.layers"},
-        lambda c: c.update(num_hidden_layers=3,
-                           layer_types=["sliding_attention", "sliding_attention", "sliding_attention"]),
+        lambda c: c.update(
+            num_hidden_layers=3, layer_types=["sliding_attention", "sliding_attention", "sliding_attention"]
+        ),
     ),
     "marian": (
         {"encoder": "model.encoder.layers", "decoder": "model.decoder.layers"},
@@ -65,10 +66,12 @@ def test_dropped_model_matches_hand_built_reference_and_generates(name, tmp_path
         if key in ("num_hidden_layers", "n_layer", "encoder_layers", "decoder_layers", "layer_types"):
             assert getattr(model.config, key) == value
 
-    generated = model.generate(**{k: v for k, v in inputs.items() if k != "decoder_input_ids"},
-                               max_new_tokens=4, do_sample=False)
-    expected = reference.generate(**{k: v for k, v in inputs.items() if k != "decoder_input_ids"},
-                                  max_new_tokens=4, do_sample=False)
+    generated = model.generate(
+        **{k: v for k, v in inputs.items() if k != "decoder_input_ids"}, max_new_tokens=4, do_sample=False
+    )
+    expected = reference.generate(
+        **{k: v for k, v in inputs.items() if k != "decoder_input_ids"}, max_new_tokens=4, do_sample=False
+    )
     assert torch.equal(generated, expected)
 
     model.save_pretrained(tmp_path / "dropped")
@@ -89,8 +92,8 @@ def _gram_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     """CKA from centred Gram matrices (HSIC form), the textbook definition."""
     n = x.shape[0]
     h = torch.eye(n, dtype=torch.float64) - 1.0 / n
-    k, l = h @ (x.double() @ x.double().T) @ h, h @ (y.double() @ y.double().T) @ h
-    return float((k * l).sum() / (torch.linalg.matrix_norm(k) * torch.linalg.matrix_norm(l)))
+    gx, gy = h @ (x.double() @ x.double().T) @ h, h @ (y.double() @ y.double().T) @ h
+    return float((gx * gy).sum() / (torch.linalg.matrix_norm(gx) * torch.linalg.matrix_norm(gy)))
 
 
 def test_linear_cka_properties():

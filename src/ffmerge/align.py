@@ -60,9 +60,7 @@ class MergePlan:
     @classmethod
     def load(cls, path: str | Path) -> MergePlan:
         data = json.loads(Path(path).read_text())
-        stacks = [
-            StackAlignment(**{**s, "perms": {int(k): v for k, v in s["perms"].items()}}) for s in data["stacks"]
-        ]
+        stacks = [StackAlignment(**{**s, "perms": {int(k): v for k, v in s["perms"].items()}}) for s in data["stacks"]]
         return cls(method=data["method"], feature=data["feature"], stacks=stacks)
 
 

@@ -150,3 +150,14 @@ def load_compressed(path: str | Path, *, device: str | torch.device = "cpu", dty
         raise RuntimeError(f"{path / WEIGHTS} lacks {len(missing)} tensors, e.g. {missing[:3]}; it is corrupt")
     model.load_state_dict(full, strict=True)
     return model.to(device).eval()
+
+
+def load_model(path: str | Path, *, auto_class: str = "AutoModel", device: str | torch.device = "cpu"):
+    """Load either an ffmerge compressed folder or a plain transformers folder, in float32, eval mode."""
+    path = Path(path)
+    if (path / TIES).is_file():
+        return load_compressed(path, device=device)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} holds no model (no config.json); rerun the step that writes it")
+    cls = getattr(transformers, auto_class)
+    return cls.from_pretrained(path, dtype=torch.float32).to(device).eval()

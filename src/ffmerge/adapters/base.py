@@ -104,8 +104,7 @@ class ModelAdapter:
             return self.default_feature
         if feature not in self.feature_modes:
             raise ValueError(
-                f"feature {feature!r} is not available for {self.name}: choose one of "
-                f"{('auto',) + self.feature_modes}"
+                f"feature {feature!r} is not available for {self.name}: choose one of {('auto',) + self.feature_modes}"
             )
         return feature
 
@@ -142,6 +141,10 @@ class ModelAdapter:
 
     def attn_out_module(self, model: nn.Module, stack: str, index: int) -> nn.Module:
         return get_submodule(self.layers(model, stack)[index], self.stack(stack).attn_out)
+
+    def config_num_layers(self, config: PretrainedConfig) -> dict[str, int]:
+        """Layer count per stack read from the config alone (the workflow plans jobs before loading weights)."""
+        return {spec.name: getattr(config, spec.num_layers_key) for spec in self.stacks}
 
     def set_num_layers(self, config: PretrainedConfig, stack: str, n: int) -> None:
         """Record a new layer count after dropping; per-layer config lists are trimmed by the caller."""

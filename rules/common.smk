@@ -1,0 +1,41 @@
+# Paths, wildcard constraints and job planning shared by every rule.
+from ffmerge.experiments import compressed_models, fraction_label
+from ffmerge.workflow import candidate_starts
+
+R = config["results_dir"] + "/{task}"
+LOGS = config["results_dir"] + "/logs/{task}"
+DEVICE = config["device"]
+
+
+wildcard_constraints:
+    task="[A-Za-z0-9_-]+",
+    search="permute|vanilla|drop",
+    variant="(permute|vanilla)(@(first|middle|last))?|drop",
+    fraction="[0-9]+of[0-9]+|all-but-one",
+    choice="best|random[0-9]+",
+    start="[0-9]+",
+    stage="pre|post",
+    kind="ff_out|attn_out",
+
+
+def task_cfg(wildcards):
+    return config["tasks"][wildcards.task]
+
+
+def search_of(variant):
+    """The window search a variant reuses: anchor ablations keep the window chosen with the first anchor."""
+    return variant.split("@")[0]
+
+
+def features_if_merge(wildcards):
+    method = search_of(wildcards.get("search", wildcards.get("variant", "")))
+    return {"features": f"{R}/features".format(task=wildcards.task)} if method != "drop" else {}
+
+
+def all_outputs():
+    outputs = []
+    for task, cfg in config["tasks"].items():
+        exp = cfg["experiments"]
+        outputs += expand(f"{R}/tables/table9.md", task=task)
+        outputs += expand(f"{R}/cka/{{kind}}.csv", task=task, kind=["ff_out", "attn_out"])
+    return outputs

@@ -1,0 +1,36 @@
+# Recovery fine-tuning. Checkpoints live in work/ (not a Snakemake output, so a failed or killed job keeps
+# them) and a rerun resumes from the last one.
+
+
+rule finetune:
+    input:
+        model=f"{R}/models/{{variant}}/{{fraction}}/{{choice}}/compressed",
+        data=f"{R}/data",
+    output:
+        directory(f"{R}/models/{{variant}}/{{fraction}}/{{choice}}/finetuned"),
+    params:
+        cfg=task_cfg,
+        device=DEVICE,
+        work=f"{R}/work/finetune/{{variant}}/{{fraction}}/{{choice}}",
+    log:
+        f"{LOGS}/finetune/{{variant}}/{{fraction}}/{{choice}}.log",
+    resources:
+        mem_mb=12000,
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../workflow_scripts/finetune.py"
+
+
+use rule finetune as finetune_base with:
+    input:
+        model=f"{R}/model/base",
+        data=f"{R}/data",
+    output:
+        directory(f"{R}/models/base/finetuned"),
+    params:
+        cfg=task_cfg,
+        device=DEVICE,
+        work=f"{R}/work/finetune/base",
+    log:
+        f"{LOGS}/finetune/base.log",

@@ -1,0 +1,28 @@
+checkpoint prepare_model:
+    output:
+        directory(f"{R}/model/base"),
+    params:
+        source=lambda wc: task_cfg(wc)["model"],
+    log:
+        f"{LOGS}/prepare_model.log",
+    resources:
+        mem_mb=8000,
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../workflow_scripts/prepare_model.py"
+
+
+rule prepare_data:
+    input:
+        model=f"{R}/model/base",
+    output:
+        directory(f"{R}/data"),
+    params:
+        cfg=task_cfg,
+    log:
+        f"{LOGS}/prepare_data.log",
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../workflow_scripts/prepare_data.py"

@@ -1,0 +1,44 @@
+# Sliding-window search: one job per (method, fraction, window start), then the best window.
+
+
+rule candidate:
+    input:
+        unpack(features_if_merge),
+        model=f"{R}/model/base",
+        data=f"{R}/data",
+    output:
+        f"{R}/candidates/{{search}}/{{fraction}}/start{{start}}.json",
+    params:
+        cfg=task_cfg,
+        device=DEVICE,
+    log:
+        f"{LOGS}/candidate/{{search}}/{{fraction}}/start{{start}}.log",
+    resources:
+        mem_mb=4000,
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../workflow_scripts/candidate.py"
+
+
+def candidate_files(wildcards):
+    model_dir = checkpoints.prepare_model.get(task=wildcards.task).output[0]
+    fraction = wildcards.fraction.replace("of", "/") if wildcards.fraction != "all-but-one" else "all-but-one"
+    starts = candidate_starts(model_dir, wildcards.search, fraction)
+    return expand(f"{R}/candidates/{{search}}/{{fraction}}/start{{start}}.json", start=starts,
+                  task=wildcards.task, search=wildcards.search, fraction=wildcards.fraction)
+
+
+rule select_window:
+    input:
+        candidate_files,
+    output:
+        f"{R}/selection/{{search}}/{{fraction}}.json",
+    params:
+        cfg=task_cfg,
+    log:
+        f"{LOGS}/select_window/{{search}}/{{fraction}}.log",
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../workflow_scripts/select_window.py"

@@ -1,0 +1,74 @@
+"""The experiment grid as data: which windows exist for a fraction, and which compressed models to build.
+
+Vocabulary used in paths and tables:
+- fraction: share of FF sublayers removed, "1/3", "1/2" or "all-but-one"; written "1of3", "1of2" in paths.
+- variant: "permute" or "vanilla" (merge, anchor first), "permute@middle" / "permute@last" (anchor ablation),
+  "drop" (remove whole layers), "base" (uncompressed).
+- choice: "best" (sliding-window search on validation) or "randomN" (the paper's random-window control).
+"""
+
+from __future__ import annotations
+
+import random
+from fractions import Fraction
+
+ALL_BUT_ONE = "all-but-one"
+MERGE_METHODS = ("permute", "vanilla")
+
+
+def fraction_label(fraction: str) -> str:
+    """Path-safe form of a fraction: "1/3" -> "1of3"."""
+    return fraction.replace("/", "of")
+
+
+def parse_fraction_label(label: str) -> str:
+    return label.replace("of", "/") if label != ALL_BUT_ONE else label
+
+
+def removed_count(n_layers: int, fraction: str) -> int:
+    """FF sublayers removed from a stack of ``n_layers``: 1/3 of 30 -> 10, all-but-one of 30 -> 29."""
+    if fraction == ALL_BUT_ONE:
+        return n_layers - 1
+    removed = round(n_layers * Fraction(fraction))
+    if not 1 <= removed <= n_layers - 1:
+        raise ValueError(f"fraction {fraction} of {n_layers} layers removes {removed} FF sublayers")
+    return removed
+
+
+def split_variant(variant: str) -> tuple[str, str]:
+    """ "permute@middle" -> ("permute", "middle"); merges default to the first layer as anchor."""
+    method, _, anchor = variant.partition("@")
+    return method, anchor or "first"
+
+
+def window_size(method: str, n_layers: int, fraction: str) -> int:
+    """Layers a window covers: merging k layers removes k-1 FF blocks; dropping removes the window itself."""
+    removed = removed_count(n_layers, fraction)
+    return removed if method == "drop" else removed + 1
+
+
+def window_starts(method: str, layers: dict[str, int], fraction: str) -> list[int]:
+    """Every start at which the window fits all stacks (encoder and decoder move in sync)."""
+    last = min(n - window_size(method, n, fraction) for n in layers.values())
+    return list(range(last + 1))
+
+
+def windows_at(method: str, layers: dict[str, int], fraction: str, start: int) -> dict[str, tuple[int, int]]:
+    return {stack: (start, window_size(method, n, fraction)) for stack, n in layers.items()}
+
+
+def random_starts(starts: list[int], best: int, count: int, seed: int) -> list[int]:
+    """The paper's random-window control: ``count`` distinct starts other than the chosen one."""
+    pool = [s for s in starts if s != best]
+    return random.Random(seed).sample(pool, min(count, len(pool)))
+
+
+def compressed_models(experiments: dict) -> list[tuple[str, str, str]]:
+    """Every (variant, fraction label, choice) that the config asks to build, fine-tune and evaluate."""
+    fractions = experiments["fractions"]
+    models = [(m, fraction_label(f), "best") for f in fractions for m in experiments["methods"]]
+    head = fraction_label(fractions[0])
+    if "permute" in experiments["methods"]:
+        models += [(f"permute@{a}", head, "best") for a in experiments["anchors"] if a != "first"]
+        models += [("permute", head, f"random{r}") for r in range(experiments["random_windows"])]
+    return models

@@ -1,0 +1,297 @@
+"""One function per workflow step, so each Snakemake script is a few lines and each step is testable alone.
+
+Every step reads files, writes its outputs atomically (temporary name, then rename) and returns what it
+wrote. Steps take the task's validated config block and plain paths; nothing here knows about Snakemake.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from .adapters import get_adapter
+from .align import MergePlan, plan_merge
+from .checkpoint import load_model, save_compressed
+from .cka import cka_matrix
+from .drop import drop_layers
+from .experiments import (
+    parse_fraction_label,
+    random_starts,
+    split_variant,
+    windows_at,
+)
+from .features import FeatureStore, cache_features
+from .finetune import FinetuneConfig, finetune
+from .merge import apply_plan
+from .size import size_report
+from .tasks import get_task
+
+log = logging.getLogger("ffmerge")
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically so an interrupted job never leaves a file that looks finished."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        json.dump(data, f, indent=2)
+    os.replace(f.name, path)
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def resolve_device(device: str) -> torch.device:
+    """ "auto" means the GPU when the job was given one (CUDA visible), else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("config asks for device cuda but no GPU is visible to this job; use device: auto or cpu")
+    return torch.device(device)
+
+
+def stack_layers(model: nn.Module) -> dict[str, int]:
+    adapter = get_adapter(model)
+    return {s.name: adapter.num_layers(model, s.name) for s in adapter.stacks}
+
+
+def prepare_data(cfg: dict, model_dir: Path, out_dir: Path) -> dict:
+    return get_task(cfg).prepare_data(Path(model_dir), Path(out_dir))
+
+
+def cache(cfg: dict, model_dir: Path, data_dir: Path, out_dir: Path, device: str) -> FeatureStore:
+    task = get_task(cfg)
+    dev = resolve_device(device)
+    model = load_model(model_dir, auto_class=task.auto_class, device=dev)
+    f = cfg["features"]
+    return cache_features(
+        model,
+        task.calibration_batches(Path(data_dir)),
+        out_dir,
+        n_tokens=f["tokens"],
+        feature=f["feature"],
+        dtype=f["dtype"],
+        device=dev,
+    )
+
+
+def compress(model: nn.Module, variant: str, fraction: str, start: int, features: FeatureStore | None) -> dict:
+    """Apply one variant in place; returns the windows and, for merges, the plan (to rebuild it exactly)."""
+    method, anchor = split_variant(variant)
+    windows = windows_at(method, stack_layers(model), fraction, start)
+    if method == "drop":
+        drop_layers(model, windows)
+        return {"windows": windows, "plan": None}
+    if features is None:
+        raise ValueError(f"variant {variant} needs cached features")
+    plan = plan_merge(features, windows, anchor=anchor, method=method)
+    apply_plan(model, plan)
+    return {"windows": windows, "plan": _plan_dict(plan)}
+
+
+def _plan_dict(plan: MergePlan) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        plan.save(Path(tmp) / "plan.json")
+        return read_json(Path(tmp) / "plan.json")
+
+
+def candidate(
+    cfg: dict,
+    model_dir: Path,
+    data_dir: Path,
+    features_dir: Path | None,
+    variant: str,
+    fraction_label: str,
+    start: int,
+    out_json: Path,
+    device: str,
+) -> dict:
+    """Build one candidate window and score it on validation data (the paper's window search)."""
+    task = get_task(cfg)
+    dev = resolve_device(device)
+    model = load_model(model_dir, auto_class=task.auto_class, device=dev)
+    fraction = parse_fraction_label(fraction_label)
+    features = FeatureStore.open(features_dir) if features_dir else None
+    info = compress(model, variant, fraction, start, features)
+    metric = task.score(model, Path(data_dir), "valid", "selection", dev)
+    result = {
+        "variant": variant,
+        "fraction": fraction,
+        "start": start,
+        "windows": info["windows"],
+        "metric": task.metric,
+        "valid": metric,
+        "parameters": model.num_parameters(),
+    }
+    write_json(out_json, result)
+    return result
+
+
+def select(candidate_jsons: Iterable[Path], cfg: dict, out_json: Path) -> dict:
+    """Keep the best-scoring window; ties go to the earliest start so the choice is deterministic."""
+    task = get_task(cfg)
+    rows = sorted((read_json(p) for p in candidate_jsons), key=lambda r: r["start"])
+    if not rows:
+        raise ValueError("no candidate windows to select from")
+    sign = -1 if task.higher_is_better else 1
+    best = min(rows, key=lambda r: (sign * r["valid"], r["start"]))
+    result = {
+        "variant": best["variant"],
+        "fraction": best["fraction"],
+        "best_start": best["start"],
+        "windows": best["windows"],
+        "metric": task.metric,
+        "best_valid": best["valid"],
+        "scores": {str(r["start"]): r["valid"] for r in rows},
+    }
+    write_json(out_json, result)
+    return result
+
+
+def choose_start(selection: dict, choice: str, seed: int) -> int:
+    if choice == "best":
+        return selection["best_start"]
+    if not choice.startswith("random"):
+        raise ValueError(f"choice must be 'best' or 'randomN', got {choice!r}")
+    index = int(choice.removeprefix("random"))
+    starts = sorted(int(s) for s in selection["scores"])
+    picks = random_starts(starts, selection["best_start"], index + 1, seed)
+    if index >= len(picks):
+        raise ValueError(f"only {len(picks)} windows other than the best exist; {choice} is not available")
+    return picks[index]
+
+
+def build_compressed(
+    cfg: dict,
+    model_dir: Path,
+    features_dir: Path | None,
+    selection_json: Path,
+    variant: str,
+    choice: str,
+    out_dir: Path,
+) -> dict:
+    """Rebuild the chosen candidate and save it as a tied checkpoint (shared tensors stored once)."""
+    task = get_task(cfg)
+    model = load_model(model_dir, auto_class=task.auto_class)
+    before = model.num_parameters()
+    selection = read_json(selection_json)
+    start = choose_start(selection, choice, cfg["seed"])
+    features = FeatureStore.open(features_dir) if features_dir else None
+    info = compress(model, variant, selection["fraction"], start, features)
+    extra = {
+        "variant": variant,
+        "fraction": selection["fraction"],
+        "choice": choice,
+        "start": start,
+        "windows": info["windows"],
+        "plan": info["plan"],
+        "parameters_before": before,
+    }
+    save_compressed(model, out_dir, extra=extra)
+    return extra
+
+
+def run_finetune(cfg: dict, model_dir: Path, data_dir: Path, work_dir: Path, out_dir: Path, device: str) -> dict:
+    """Recovery fine-tuning with checkpoints in ``work_dir``; a rerun resumes from the last one."""
+    task = get_task(cfg)
+    dev = resolve_device(device)
+    model = load_model(model_dir, auto_class=task.auto_class, device=dev)
+    ft = cfg["finetune"]
+    config = FinetuneConfig(
+        lr=ft["lr"],
+        schedule=ft["schedule"],
+        warmup_steps=ft["warmup_steps"],
+        min_lr=ft["min_lr"],
+        max_steps=ft["max_steps"],
+        batch_size=ft["batch_size"],
+        eval_every=ft["eval_every"],
+        checkpoint_every=ft["checkpoint_every"],
+        seed=cfg["seed"],
+        fp16=ft["fp16"],
+        device=str(dev),
+        higher_is_better=task.higher_is_better,
+    )
+    loss_fn, get_batch = task.training(Path(data_dir), dev)
+    result = finetune(
+        model,
+        loss_fn=loss_fn,
+        get_batch=get_batch,
+        config=config,
+        work_dir=work_dir,
+        evaluate=lambda m: task.score(m, Path(data_dir), "valid", "selection", dev),
+        log=log.info,
+    )
+    extra = {
+        "finetune": {
+            "best_valid": result.best_metric,
+            "best_step": result.best_step,
+            "steps": result.steps_done,
+            "resumed_from": result.resumed_from,
+        }
+    }
+    save_compressed(model.cpu(), out_dir, extra=_source_extra(model_dir) | extra)
+    return extra
+
+
+def _source_extra(model_dir: Path) -> dict:
+    path = Path(model_dir) / "ffmerge_ties.json"
+    return read_json(path).get("extra", {}) if path.is_file() else {}
+
+
+def evaluate(cfg: dict, model_dir: Path, data_dir: Path, out_json: Path, device: str) -> dict:
+    """Test metric plus the size figures the tables need."""
+    task = get_task(cfg)
+    dev = resolve_device(device)
+    model = load_model(model_dir, auto_class=task.auto_class, device=dev)
+    extra = _source_extra(model_dir)
+    result = {
+        "metric": task.metric,
+        "test": task.score(model, Path(data_dir), "test", "evaluation", dev),
+        "size": size_report(model).as_dict(),
+        **{k: extra.get(k) for k in ("variant", "fraction", "choice", "start", "windows", "finetune")},
+    }
+    write_json(out_json, result)
+    return result
+
+
+def cka(features_dir: Path, out_csvs: dict[str, Path]) -> None:
+    """CKA matrices of FF outputs and attention outputs, labelled by layer."""
+    store = FeatureStore.open(features_dir)
+    for kind, path in out_csvs.items():
+        matrix, labels = cka_matrix(store, kind)
+        frame = pd.DataFrame(matrix, index=labels, columns=labels)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(str(path) + ".tmp")
+        frame.to_csv(tmp, float_format="%.6f")
+        os.replace(tmp, path)
+
+
+def int8(cfg: dict, model_dir: Path, data_dir: Path, out_json: Path, device: str) -> dict:
+    """LLM.int8() of a (fine-tuned) model: test metric, bytes in float and in int8 (shared tensors once)."""
+    from .quantize import int8_size_bytes, quantize_int8
+
+    task = get_task(cfg)
+    dev = resolve_device(device)
+    model = load_model(model_dir, auto_class=task.auto_class)
+    float_bytes = size_report(model).bytes
+    quantized = quantize_int8(model, device=str(dev))
+    extra = _source_extra(model_dir)
+    result = {
+        "metric": task.metric,
+        "test": task.score(quantized, Path(data_dir), "test", "evaluation", dev),
+        "bytes_float": float_bytes,
+        "bytes_int8": int8_size_bytes(quantized),
+        **{k: extra.get(k) for k in ("variant", "fraction", "choice", "start", "windows")},
+    }
+    write_json(out_json, result)
+    return result

@@ -1,0 +1,137 @@
+"""Result tables from finished result files alone (no model in memory), so they rebuild in seconds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .experiments import split_variant
+
+
+def _read(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def layers_text(windows: dict[str, list[int]] | None) -> str:
+    """Merged (or dropped) layer indices as the paper prints them, e.g. "15-25"."""
+    if not windows:
+        return ""
+    parts = []
+    for stack, (start, size) in windows.items():
+        span = f"{start}-{start + size - 1}" if size > 1 else f"{start}"
+        parts.append(span if len(windows) == 1 else f"{stack} {span}")
+    return "; ".join(parts)
+
+
+def results_table(base: dict, rows: list[dict]) -> pd.DataFrame:
+    """The paper's Table 9 layout: metric per fraction x method after fine-tuning, with sizes."""
+    base_params = base["size"]["parameters"]
+    records = [
+        {
+            "fraction": "0",
+            "variant": "base",
+            "choice": "",
+            "layers": "",
+            "ffs_removed": 0,
+            "metric": base["metric"],
+            "test_before_ft": base.get("test_before_ft"),
+            "test": base["test"],
+            "parameters": base_params,
+            "param_reduction_%": 0.0,
+        }
+    ]
+    for r in rows:
+        method, _ = split_variant(r["variant"])
+        # a dropped layer takes its FF with it; a merge removes the FF blocks that tying made redundant
+        ffs = sum(size for _, size in r["windows"].values()) if method == "drop" else r["size"]["ff_blocks_removed"]
+        records.append(
+            {
+                "fraction": r["fraction"],
+                "variant": r["variant"],
+                "choice": r["choice"],
+                "layers": layers_text(r["windows"]),
+                "ffs_removed": ffs,
+                "metric": r["metric"],
+                "test_before_ft": r.get("test_before_ft"),
+                "test": r["test"],
+                "parameters": r["size"]["parameters"],
+                "param_reduction_%": round(100 * (1 - r["size"]["parameters"] / base_params), 2),
+            }
+        )
+    return pd.DataFrame.from_records(records)
+
+
+def write_table(frame: pd.DataFrame, csv_path: Path, md_path: Path) -> None:
+    for path in (csv_path, md_path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(csv_path, index=False)
+    Path(md_path).write_text(frame.to_markdown(index=False, floatfmt=".2f") + "\n")
+
+
+def int8_table(base: dict, rows: list[dict]) -> pd.DataFrame:
+    """The paper's Table 4: metric and compression ratio (bytes / uncompressed float bytes) with and without int8."""
+    reference = base["bytes_float"]
+    records = []
+    for r in [base, *rows]:
+        label = r.get("variant") or "base"
+        records.append(
+            {
+                "variant": label,
+                "fraction": r.get("fraction") or "0",
+                "int8": False,
+                "metric": r["metric"],
+                "test": r.get("test_float"),
+                "ratio": r["bytes_float"] / reference,
+            }
+        )
+        records.append(
+            {
+                "variant": label,
+                "fraction": r.get("fraction") or "0",
+                "int8": True,
+                "metric": r["metric"],
+                "test": r["test"],
+                "ratio": r["bytes_int8"] / reference,
+            }
+        )
+    return pd.DataFrame.from_records(records)
+
+
+def window_scores(selections: list[dict]) -> pd.DataFrame:
+    """Every candidate's validation score before fine-tuning (the paper's Figure 10 data)."""
+    rows = [
+        {
+            "variant": s["variant"],
+            "fraction": s["fraction"],
+            "start": int(start),
+            "metric": s["metric"],
+            "valid": score,
+            "selected": int(start) == s["best_start"],
+        }
+        for s in selections
+        for start, score in s["scores"].items()
+    ]
+    return pd.DataFrame.from_records(rows).sort_values(["variant", "fraction", "start"])
+
+
+def tables(inputs: Any, outputs: Any) -> None:
+    """Snakemake's named inputs/outputs -> every table of one task."""
+    base = _read(inputs.base) | {"test_before_ft": _read(inputs.base_pre)["test"]}
+    rows = []
+    for pre, post in zip(inputs.pre, inputs.post, strict=True):
+        rows.append(_read(post) | {"test_before_ft": _read(pre)["test"]})
+    write_table(results_table(base, rows), outputs.table9_csv, outputs.table9_md)
+    window_scores([_read(p) for p in inputs.selections]).to_csv(outputs.windows_csv, index=False)
+    int8_rows = [_read(p) for p in inputs.get("int8", [])]
+    if int8_rows:
+        evals = {(r["variant"], r["fraction"], r["choice"]): r for r in rows}
+        for r in int8_rows:
+            r["test_float"] = (evals.get((r.get("variant"), r.get("fraction"), r.get("choice"))) or base)["test"]
+        *compressed, base_int8 = int8_rows
+        frame = int8_table(base_int8, compressed)
+    else:
+        frame = pd.DataFrame(columns=["variant", "fraction", "int8", "metric", "test", "ratio"])
+    write_table(frame, outputs.int8_csv, outputs.int8_md)

@@ -1,0 +1,41 @@
+"""What the pipeline needs from a task: data, calibration batches, a metric, and a fine-tuning recipe.
+
+The workflow is written once against this interface; a new task (vision, translation, speech) is one
+module that implements it and one config entry, not a copy of the pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class Task:
+    """Base class; ``cfg`` is the task's validated config block (see ``workflow/schemas/config.schema.yaml``)."""
+
+    type: ClassVar[str]
+    metric: ClassVar[str]
+    higher_is_better: ClassVar[bool]
+    auto_class: ClassVar[str]
+
+    def __init__(self, cfg: dict[str, Any]):
+        self.cfg = cfg
+
+    def prepare_data(self, model_dir: Path, out_dir: Path) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def calibration_batches(self, data_dir: Path) -> Iterator[dict[str, Any]]:
+        """Batches of model inputs plus ``token_masks`` ``{stack: bool [B, T]}`` of the real positions."""
+        raise NotImplementedError
+
+    def score(self, model: nn.Module, data_dir: Path, split: str, setting: str, device: torch.device) -> float:
+        """The task metric on ``split``; ``setting`` names a config block ("selection" or "evaluation")."""
+        raise NotImplementedError
+
+    def training(self, data_dir: Path, device: torch.device) -> tuple[Callable, Callable[[int], Any]]:
+        """``(loss_fn(model, batch), get_batch(step))`` for recovery fine-tuning."""
+        raise NotImplementedError

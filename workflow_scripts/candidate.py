@@ -1,0 +1,17 @@
+"""Snakemake script: build one candidate window and score it on validation data."""
+
+from ffmerge import pipeline
+from ffmerge.workflow import job_logging
+
+with job_logging(snakemake.log[0]):
+    pipeline.candidate(
+        snakemake.params.cfg,
+        snakemake.input.model,
+        snakemake.input.data,
+        snakemake.input.get("features"),
+        snakemake.wildcards.search,
+        snakemake.wildcards.fraction,
+        int(snakemake.wildcards.start),
+        snakemake.output[0],
+        snakemake.params.device,
+    )
