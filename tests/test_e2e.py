@@ -1,0 +1,72 @@
+"""A reduced run of the real offline default (SmolLM2 + Wikipedia leads) through Snakemake."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from ffmerge.checkpoint import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
+
+
+def _reduced_config(results: Path) -> dict:
+    """The default config with tiny budgets; the grid keeps every kind of job (merge, drop, anchor, random)."""
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["results_dir"] = str(results)
+    config["device"] = "cpu"
+    task = config["tasks"]["lm"]
+    task["splits"] = {"calib": 512, "valid": 256, "test": 300, "train": 4096}
+    task["features"] = {"tokens": 512, "batch_size": 4, "seq_len": 128}
+    task["selection"] = {"window": 128, "stride": 128, "batch_size": 2}
+    task["evaluation"] = {"window": 256, "stride": 128, "batch_size": 2}
+    # 28 of 30 layers: 2 merge windows and 3 drop windows, so the random-window control has a window to pick
+    task["experiments"] = {"fractions": ["14/15"], "anchors": ["first", "last"], "random_windows": 1}
+    task["finetune"] = {"max_steps": 4, "batch_size": 2, "seq_len": 64, "eval_every": 2, "checkpoint_every": 2}
+    return config
+
+
+@pytest.mark.e2e
+def test_reduced_default_pipeline_end_to_end(tmp_path):
+    results = tmp_path / "results"
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(_reduced_config(results)))
+    command = [*SNAKEMAKE, "--cores", "2", "--configfile", str(config_path), "-d", str(tmp_path / "wd")]
+    run = subprocess.run(command, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    lm = results / "lm"
+    table = pd.read_csv(lm / "tables" / "table9.csv")
+    assert set(table["variant"]) == {"base", "permute", "vanilla", "drop", "permute@last"}
+    base = table[table["variant"] == "base"].iloc[0]
+    compressed = table[table["variant"] != "base"]
+    assert (compressed["parameters"] < base["parameters"]).all()
+    assert (compressed["ffs_removed"] == 28).all()
+    assert set(compressed["choice"]) == {"best", "random0"}
+    assert (lm / "tables" / "table9.md").read_text().count("\n") == len(table) + 2
+    int8 = pd.read_csv(lm / "tables" / "int8.csv")
+    assert set(int8["variant"]) == {"base", "permute", "vanilla"}
+    assert (int8[int8["int8"]]["ratio"] < int8[~int8["int8"]]["ratio"].max()).all()
+
+    cka = pd.read_csv(lm / "cka" / "ff_out.csv", index_col=0)
+    assert cka.shape == (30, 30)
+    assert (abs(cka.values.diagonal() - 1) < 1e-6).all()
+
+    # the saved compressed model really is smaller: tied FF modules are one object, stored once
+    merged = load_model(lm / "models" / "permute" / "14of15" / "best" / "finetuned")
+    base_model = load_model(lm / "model" / "base", auto_class="AutoModelForCausalLM")
+    assert merged.num_parameters() < base_model.num_parameters()
+    assert merged.model.layers[0].mlp.down_proj is merged.model.layers[28].mlp.down_proj
+    finetune_info = json.loads((lm / "eval" / "permute" / "14of15" / "best" / "post.json").read_text())["finetune"]
+    assert finetune_info["steps"] == 4
+
+    again = subprocess.run([*command, "-n"], capture_output=True, text=True)
+    assert again.returncode == 0
+    assert "Nothing to be done" in again.stdout + again.stderr
