@@ -1,11 +1,21 @@
 # ffmerge: merge feed-forward sublayers of pretrained Transformers (Verma, Murray, Duh 2025).
 # Offline default: `snakemake --cores 2`; paper scale: `snakemake --configfile configs/paper.yaml ...`.
+import os
+import sys
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
+# The package's source tree is importable here and in every job, with or without `pip install -e .`
+# (conda envs from envs/ install only third-party packages).
+SRC = os.path.join(workflow.basedir, "src")
+sys.path.insert(0, SRC)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))
 
-configfile: "config.yaml"
+# config.yaml is the default only: `--configfile other.yaml` replaces it instead of merging into it.
+if not workflow.overwrite_configfiles:
+    workflow.configfile(os.path.join(workflow.basedir, "config.yaml"))
 
 
 validate(config, "schemas/config.schema.yaml")

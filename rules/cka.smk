@@ -6,6 +6,8 @@ rule cka:
         attn_out=f"{R}/cka/attn_out.csv",
     log:
         f"{LOGS}/cka.log",
+    benchmark:
+        f"{BENCH}/cka.tsv",
     resources:
         mem_mb=8000,
     conda:

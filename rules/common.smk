@@ -4,6 +4,7 @@ from ffmerge.workflow import candidate_starts
 
 R = config["results_dir"] + "/{task}"
 LOGS = config["results_dir"] + "/logs/{task}"
+BENCH = config["results_dir"] + "/benchmarks/{task}"  # per-job wall time and peak memory
 DEVICE = config["device"]
 
 

@@ -9,6 +9,8 @@ rule compress:
         cfg=task_cfg,
     log:
         f"{LOGS}/compress/{{variant}}/{{fraction}}/{{choice}}.log",
+    benchmark:
+        f"{BENCH}/compress/{{variant}}/{{fraction}}/{{choice}}.tsv",
     resources:
         mem_mb=8000,
     conda:

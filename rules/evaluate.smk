@@ -13,6 +13,8 @@ rule evaluate:
         device=DEVICE,
     log:
         f"{LOGS}/evaluate/{{variant}}/{{fraction}}/{{choice}}/{{stage}}.log",
+    benchmark:
+        f"{BENCH}/evaluate/{{variant}}/{{fraction}}/{{choice}}/{{stage}}.tsv",
     conda:
         "../envs/torch.yaml"
     script:
@@ -27,3 +29,5 @@ use rule evaluate as evaluate_base with:
         f"{R}/eval/base/{{stage}}.json",
     log:
         f"{LOGS}/evaluate/base/{{stage}}.log",
+    benchmark:
+        f"{BENCH}/evaluate/base/{{stage}}.tsv",

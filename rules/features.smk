@@ -9,6 +9,8 @@ rule cache_features:
         device=DEVICE,
     log:
         f"{LOGS}/cache_features.log",
+    benchmark:
+        f"{BENCH}/cache_features.tsv",
     resources:
         mem_mb=8000,
     conda:

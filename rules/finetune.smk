@@ -14,6 +14,8 @@ rule finetune:
         work=f"{R}/work/finetune/{{variant}}/{{fraction}}/{{choice}}",
     log:
         f"{LOGS}/finetune/{{variant}}/{{fraction}}/{{choice}}.log",
+    benchmark:
+        f"{BENCH}/finetune/{{variant}}/{{fraction}}/{{choice}}.tsv",
     resources:
         mem_mb=12000,
     conda:
@@ -34,3 +36,5 @@ use rule finetune as finetune_base with:
         work=f"{R}/work/finetune/base",
     log:
         f"{LOGS}/finetune/base.log",
+    benchmark:
+        f"{BENCH}/finetune/base.tsv",

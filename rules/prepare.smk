@@ -5,6 +5,8 @@ checkpoint prepare_model:
         source=lambda wc: task_cfg(wc)["model"],
     log:
         f"{LOGS}/prepare_model.log",
+    benchmark:
+        f"{BENCH}/prepare_model.tsv",
     resources:
         mem_mb=8000,
     conda:
@@ -22,6 +24,8 @@ rule prepare_data:
         cfg=task_cfg,
     log:
         f"{LOGS}/prepare_data.log",
+    benchmark:
+        f"{BENCH}/prepare_data.tsv",
     conda:
         "../envs/torch.yaml"
     script:

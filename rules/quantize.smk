@@ -12,6 +12,8 @@ rule quantize_int8:
         device=DEVICE,
     log:
         f"{LOGS}/quantize_int8/{{variant}}/{{fraction}}/{{choice}}.log",
+    benchmark:
+        f"{BENCH}/quantize_int8/{{variant}}/{{fraction}}/{{choice}}.tsv",
     resources:
         mem_mb=12000,
     conda:
@@ -28,3 +30,5 @@ use rule quantize_int8 as quantize_int8_base with:
         f"{R}/int8/base.json",
     log:
         f"{LOGS}/quantize_int8/base.log",
+    benchmark:
+        f"{BENCH}/quantize_int8/base.tsv",

@@ -13,6 +13,8 @@ rule candidate:
         device=DEVICE,
     log:
         f"{LOGS}/candidate/{{search}}/{{fraction}}/start{{start}}.log",
+    benchmark:
+        f"{BENCH}/candidate/{{search}}/{{fraction}}/start{{start}}.tsv",
     resources:
         mem_mb=4000,
     conda:
@@ -38,6 +40,8 @@ rule select_window:
         cfg=task_cfg,
     log:
         f"{LOGS}/select_window/{{search}}/{{fraction}}.log",
+    benchmark:
+        f"{BENCH}/select_window/{{search}}/{{fraction}}.tsv",
     conda:
         "../envs/torch.yaml"
     script:

@@ -29,6 +29,8 @@ rule tables:
         windows_csv=f"{R}/tables/window_scores.csv",
     log:
         f"{LOGS}/tables.log",
+    benchmark:
+        f"{BENCH}/tables.tsv",
     conda:
         "../envs/report.yaml"
     script:

@@ -227,3 +227,18 @@ def test_gated_feature_modes_hook_the_right_tensors(tmp_path):
         torch.testing.assert_close(store.load("decoder", "pre", 0), want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="choose one of"):
         adapter.resolve_feature("bogus")
+
+
+def test_cross_correlation_matches_numpy_corrcoef():
+    import numpy as np
+
+    from ffmerge.align import cross_correlation
+
+    g = torch.Generator().manual_seed(0)
+    a = (torch.randn(500, 7, generator=g) * 3 + 100).half().float()  # offset: centre before the product
+    b = torch.randn(500, 5, generator=g) + a[:, :5] * 0.5
+    b[:, 4] = 2.0  # a dead neuron: correlation 0, not NaN
+    expected = np.corrcoef(a.double().numpy().T, b.double().numpy().T)[:7, 7:]
+    got = cross_correlation(a, b).numpy()
+    np.testing.assert_allclose(got[:, :4], expected[:, :4], atol=1e-5)
+    assert np.all(got[:, 4] == 0)

@@ -72,31 +72,20 @@ def anchor_layer(start: int, size: int, anchor: str) -> int:
     return start + offset
 
 
-def cross_correlation(a: torch.Tensor, b: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+def cross_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Pearson correlation between every neuron of ``a`` and of ``b`` (both ``[tokens, neurons]``).
 
-    Accumulated in float64 over row chunks so float16 caches of 10k+ tokens stay exact and memory stays at
-    one chunk plus the ``[d, d]`` result.
+    Means are taken in float64 and the data centred before the float32 matrix product, so the product
+    (the only O(n d^2) part) runs at float32 speed without the cancellation that uncentred sums would suffer.
     """
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"features cover different token counts: {a.shape[0]} vs {b.shape[0]}")
     n = a.shape[0]
-    sa = torch.zeros(a.shape[1], dtype=torch.float64)
-    sb = torch.zeros(b.shape[1], dtype=torch.float64)
-    ssa, ssb = torch.zeros_like(sa), torch.zeros_like(sb)
-    cross = torch.zeros(a.shape[1], b.shape[1], dtype=torch.float64)
-    for i in range(0, n, chunk):
-        xa = a[i : i + chunk].to(torch.float64)
-        xb = b[i : i + chunk].to(torch.float64)
-        sa += xa.sum(0)
-        sb += xb.sum(0)
-        ssa += (xa * xa).sum(0)
-        ssb += (xb * xb).sum(0)
-        cross += xa.T @ xb
-    ma, mb = sa / n, sb / n
-    cov = cross / n - torch.outer(ma, mb)
-    std_a = (ssa / n - ma * ma).clamp_min(0).sqrt()
-    std_b = (ssb / n - mb * mb).clamp_min(0).sqrt()
+    xa = (a.double() - a.double().mean(0)).float()
+    xb = (b.double() - b.double().mean(0)).float()
+    cov = (xa.T @ xb).double() / n
+    std_a = xa.double().pow(2).mean(0).sqrt()
+    std_b = xb.double().pow(2).mean(0).sqrt()
     return cov / torch.outer(std_a, std_b).clamp_min(CORR_EPS)
 
 

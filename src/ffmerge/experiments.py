@@ -60,7 +60,8 @@ def windows_at(method: str, layers: dict[str, int], fraction: str, start: int) -
 def random_starts(starts: list[int], best: int, count: int, seed: int) -> list[int]:
     """The paper's random-window control: ``count`` distinct starts other than the chosen one."""
     pool = [s for s in starts if s != best]
-    return random.Random(seed).sample(pool, min(count, len(pool)))
+    random.Random(seed).shuffle(pool)  # one fixed order: randomN is the same start whatever the count asked
+    return pool[:count]
 
 
 def compressed_models(experiments: dict) -> list[tuple[str, str, str]]:

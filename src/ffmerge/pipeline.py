@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Iterable
@@ -144,7 +145,12 @@ def select(candidate_jsons: Iterable[Path], cfg: dict, out_json: Path) -> dict:
     if not rows:
         raise ValueError("no candidate windows to select from")
     sign = -1 if task.higher_is_better else 1
-    best = min(rows, key=lambda r: (sign * r["valid"], r["start"]))
+
+    def rank(row: dict) -> tuple:  # a diverged (NaN or infinite) candidate never wins over a finite one
+        finite = math.isfinite(row["valid"])
+        return (not finite, sign * row["valid"] if finite else 0.0, row["start"])
+
+    best = min(rows, key=rank)
     result = {
         "variant": best["variant"],
         "fraction": best["fraction"],

