@@ -19,8 +19,14 @@ wildcard_constraints:
     kind="ff_out|attn_out",
 
 
-def task_cfg(wildcards):
-    return config["tasks"][wildcards.task]
+def task_cfg(*keys):
+    """Only the config blocks a rule reads, so editing one block (say, finetune) reruns only its jobs."""
+
+    def params(wildcards):
+        cfg = config["tasks"][wildcards.task]
+        return {key: cfg[key] for key in ("type", "seed", *keys)}
+
+    return params
 
 
 def search_of(variant):

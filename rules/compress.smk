@@ -6,7 +6,7 @@ rule compress:
     output:
         directory(f"{R}/models/{{variant}}/{{fraction}}/{{choice}}/compressed"),
     params:
-        cfg=task_cfg,
+        cfg=task_cfg(),
     log:
         f"{LOGS}/compress/{{variant}}/{{fraction}}/{{choice}}.log",
     benchmark:

@@ -9,7 +9,7 @@ rule evaluate:
     output:
         f"{R}/eval/{{variant}}/{{fraction}}/{{choice}}/{{stage}}.json",
     params:
-        cfg=task_cfg,
+        cfg=task_cfg("evaluation"),
         device=DEVICE,
     log:
         f"{LOGS}/evaluate/{{variant}}/{{fraction}}/{{choice}}/{{stage}}.log",

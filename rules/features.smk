@@ -5,7 +5,7 @@ rule cache_features:
     output:
         directory(f"{R}/features"),
     params:
-        cfg=task_cfg,
+        cfg=task_cfg("features"),
         device=DEVICE,
     log:
         f"{LOGS}/cache_features.log",

@@ -9,7 +9,7 @@ rule finetune:
     output:
         directory(f"{R}/models/{{variant}}/{{fraction}}/{{choice}}/finetuned"),
     params:
-        cfg=task_cfg,
+        cfg=task_cfg("finetune", "selection"),
         device=DEVICE,
         work=f"{R}/work/finetune/{{variant}}/{{fraction}}/{{choice}}",
     log:
@@ -31,7 +31,7 @@ use rule finetune as finetune_base with:
     output:
         directory(f"{R}/models/base/finetuned"),
     params:
-        cfg=task_cfg,
+        cfg=task_cfg("finetune", "selection"),
         device=DEVICE,
         work=f"{R}/work/finetune/base",
     log:

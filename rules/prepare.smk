@@ -2,7 +2,7 @@ checkpoint prepare_model:
     output:
         directory(f"{R}/model/base"),
     params:
-        source=lambda wc: task_cfg(wc)["model"],
+        source=lambda wc: config["tasks"][wc.task]["model"],
     log:
         f"{LOGS}/prepare_model.log",
     benchmark:
@@ -21,7 +21,7 @@ rule prepare_data:
     output:
         directory(f"{R}/data"),
     params:
-        cfg=task_cfg,
+        cfg=task_cfg("data", "splits"),
     log:
         f"{LOGS}/prepare_data.log",
     benchmark:

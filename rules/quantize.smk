@@ -8,7 +8,7 @@ rule quantize_int8:
     output:
         f"{R}/int8/{{variant}}/{{fraction}}/{{choice}}.json",
     params:
-        cfg=task_cfg,
+        cfg=task_cfg("evaluation"),
         device=DEVICE,
     log:
         f"{LOGS}/quantize_int8/{{variant}}/{{fraction}}/{{choice}}.log",

@@ -9,7 +9,7 @@ rule candidate:
     output:
         f"{R}/candidates/{{search}}/{{fraction}}/start{{start}}.json",
     params:
-        cfg=task_cfg,
+        cfg=task_cfg("selection"),
         device=DEVICE,
     log:
         f"{LOGS}/candidate/{{search}}/{{fraction}}/start{{start}}.log",
@@ -37,7 +37,7 @@ rule select_window:
     output:
         f"{R}/selection/{{search}}/{{fraction}}.json",
     params:
-        cfg=task_cfg,
+        cfg=task_cfg(),
     log:
         f"{LOGS}/select_window/{{search}}/{{fraction}}.log",
     benchmark:

@@ -318,3 +318,19 @@ def test_lm_batches_depend_only_on_step() -> None:
     assert not torch.equal(lm_batches(stream, seq_len=SEQ_LEN, batch_size=3, seed=6)(9)["input_ids"], later_first)
     start = int((later_first[0, 0] == stream).nonzero()[0])  # windows are contiguous slices of the stream
     assert any(torch.equal(stream[s : s + SEQ_LEN], later_first[0]) for s in range(start, len(stream) - SEQ_LEN + 1))
+
+
+def test_resume_with_other_hyperparameters_is_refused_but_a_longer_budget_is_fine(tmp_path: Path) -> None:
+    base = FinetuneConfig(lr=1e-3, max_steps=2, eval_every=2, checkpoint_every=2, device="cpu")
+    run = dict(loss_fn=causal_lm_loss, get_batch=train_batches(), evaluate=validation_loss, work_dir=tmp_path)
+    finetune(tiny_tied_llama(), config=base, **run)
+    before = (tmp_path / LAST_CHECKPOINT).read_bytes()
+    with pytest.raises(CheckpointError, match=r"other hyper-parameters.*'lr': \(0\.001, 0\.002\).*delete"):
+        finetune(tiny_tied_llama(), config=FinetuneConfig(**{**asdict(base), "lr": 2e-3}), **run)
+    assert (tmp_path / LAST_CHECKPOINT).read_bytes() == before, "a refused resume must not touch the checkpoint"
+    lines: list[str] = []
+    result = finetune(
+        tiny_tied_llama(), config=FinetuneConfig(**{**asdict(base), "max_steps": 4}), log=lines.append, **run
+    )
+    assert result.resumed_from == 2 and result.steps_done == 4
+    assert any("resumed from step 2" in line for line in lines)

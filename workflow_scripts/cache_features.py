@@ -1,9 +1,9 @@
 """Snakemake script: FF features before the activation (and FF / attention outputs for CKA) on calibration tokens."""
 
 from ffmerge import pipeline
-from ffmerge.workflow import job_logging
+from ffmerge.workflow import snakemake_job
 
-with job_logging(snakemake.log[0]):
+with snakemake_job(snakemake):
     pipeline.cache(
         snakemake.params.cfg, snakemake.input.model, snakemake.input.data, snakemake.output[0], snakemake.params.device
     )

@@ -1,9 +1,9 @@
 """Snakemake script: build one candidate window and score it on validation data."""
 
 from ffmerge import pipeline
-from ffmerge.workflow import job_logging
+from ffmerge.workflow import snakemake_job
 
-with job_logging(snakemake.log[0]):
+with snakemake_job(snakemake):
     pipeline.candidate(
         snakemake.params.cfg,
         snakemake.input.model,

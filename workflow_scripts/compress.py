@@ -1,9 +1,9 @@
 """Snakemake script: the chosen (best or random) window as a tied checkpoint."""
 
 from ffmerge import pipeline
-from ffmerge.workflow import job_logging
+from ffmerge.workflow import snakemake_job
 
-with job_logging(snakemake.log[0]):
+with snakemake_job(snakemake):
     pipeline.build_compressed(
         snakemake.params.cfg,
         snakemake.input.model,

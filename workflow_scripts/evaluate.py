@@ -1,9 +1,9 @@
 """Snakemake script: test metric and sizes of one model."""
 
 from ffmerge import pipeline
-from ffmerge.workflow import job_logging
+from ffmerge.workflow import snakemake_job
 
-with job_logging(snakemake.log[0]):
+with snakemake_job(snakemake):
     pipeline.evaluate(
         snakemake.params.cfg, snakemake.input.model, snakemake.input.data, snakemake.output[0], snakemake.params.device
     )

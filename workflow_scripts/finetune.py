@@ -1,9 +1,9 @@
 """Snakemake script: recovery fine-tuning, resuming from the last checkpoint in the work folder."""
 
 from ffmerge import pipeline
-from ffmerge.workflow import job_logging
+from ffmerge.workflow import snakemake_job
 
-with job_logging(snakemake.log[0]):
+with snakemake_job(snakemake):
     pipeline.run_finetune(
         snakemake.params.cfg,
         snakemake.input.model,

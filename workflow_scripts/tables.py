@@ -1,7 +1,7 @@
 """Snakemake script: result tables (CSV and Markdown) from the evaluation files alone."""
 
 from ffmerge import report
-from ffmerge.workflow import job_logging
+from ffmerge.workflow import snakemake_job
 
-with job_logging(snakemake.log[0]):
+with snakemake_job(snakemake):
     report.tables(snakemake.input, snakemake.output)

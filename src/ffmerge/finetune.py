@@ -351,12 +351,23 @@ def _resume(
         ) from err
     _set_rng_state(state["rng"])
     changed = {k: (v, getattr(config, k, None)) for k, v in state["config"].items() if getattr(config, k, None) != v}
+    conflicting = {k: v for k, v in changed.items() if k not in _RESUMABLE_CHANGES}
+    if conflicting:
+        raise CheckpointError(
+            f"{path} was written with other hyper-parameters (saved, now): {conflicting}. Resuming would mix two "
+            f"recipes; delete {work_dir} to fine-tune from scratch with the new ones."
+        )
     if changed:
-        emit(f"warning: config differs from the checkpoint's (saved, now): {changed}; the resume is not exact")
+        emit(f"note: resuming with changed bookkeeping settings (saved, now): {changed}")
     progress = _Progress(state["step"], state["best_metric"], state["best_step"], state["history"], state["step"])
     _adopt_newer_best(progress, work_dir, emit)
     emit(f"resumed from step {progress.step}")
     return progress
+
+
+_RESUMABLE_CHANGES = frozenset({"max_steps", "device", "eval_every", "checkpoint_every", "patience"})
+"""Settings that may change between an interrupted run and its resume: a longer budget, another machine,
+or different bookkeeping. Anything else (lr, schedule, batch, seed, ...) would silently mix two recipes."""
 
 
 def _adopt_newer_best(progress: _Progress, work_dir: Path, emit: Callable[[str], None]) -> None:

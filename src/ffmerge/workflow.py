@@ -76,3 +76,17 @@ def job_logging(log_path: str | Path | None) -> Iterator[logging.Logger]:
             for target in targets:
                 target.removeHandler(handler)
             sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def snakemake_job(smk: Any) -> Iterator[logging.Logger]:
+    """Everything a job script needs around its one call: its log file and the threads it was given.
+
+    torch would otherwise start one thread per core in every job; with several jobs per machine the
+    oversubscribed threads spin against each other and everything slows down.
+    """
+    import torch
+
+    torch.set_num_threads(max(1, int(smk.threads)))
+    with job_logging(smk.log[0] if smk.log else None) as logger:
+        yield logger

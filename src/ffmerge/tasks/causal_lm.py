@@ -52,6 +52,7 @@ class CausalLMTask(Task):
             stride=settings["stride"],
             batch_size=settings["batch_size"],
             device=device,
+            progress=True,  # goes to the job's log
         )
         return result.ppl
 
