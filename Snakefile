@@ -35,6 +35,7 @@ include: "rules/evaluate.smk"
 include: "rules/quantize.smk"
 include: "rules/cka.smk"
 include: "rules/tables.smk"
+include: "rules/report.smk"
 
 
 rule all:

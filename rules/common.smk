@@ -45,4 +45,5 @@ def all_outputs():
         exp = cfg["experiments"]
         outputs += expand(f"{R}/tables/table9.md", task=task)
         outputs += expand(f"{R}/cka/{{kind}}.csv", task=task, kind=["ff_out", "attn_out"])
+    outputs += report_outputs()  # figures and paper tables (rules/report.smk)
     return outputs

@@ -43,9 +43,10 @@ from ffmerge.experiments import (
     window_starts,
     windows_at,
 )
+from ffmerge.jobs import job_logging
 from ffmerge.pipeline import choose_start, select
 from ffmerge.tasks.causal_lm import CausalLMTask
-from ffmerge.workflow import ConfigError, job_logging, preflight
+from ffmerge.workflow import ConfigError, preflight
 
 try:
     import tomllib
@@ -265,7 +266,7 @@ def test_validation_fills_in_defaults(default_config):
     assert task["experiments"]["int8"] is True
     assert task["experiments"]["fractions"] == ["1/3", "1/2", "all-but-one"]  # given values are kept
     assert task["finetune"]["schedule"] == "inverse_sqrt"
-    assert task["finetune"]["max_steps"] == 30  # given, not the default 100
+    assert task["finetune"]["max_steps"] == 10  # given, not the default 100
     assert task["finetune"]["fp16"] is False and task["finetune"]["warmup_steps"] == 0
     assert task["selection"] == {"window": 1024, "stride": 512, "batch_size": 4}
     assert task["seed"] == 0
@@ -608,6 +609,16 @@ def _expected_counts(exp: dict) -> dict[str, int]:
         "quantize_int8_base": 1 if exp["int8"] else 0,
         "cka": 1,
         "tables": 1,
+        # rules/report.smk: CKA heatmaps per task, then one of each cross-task figure and table
+        "figure_cka": 2,
+        "figure_ff_removed": 1,
+        "figure_params_removed": 1,
+        "figure_window_scores": 1,
+        "table_windows": 1,
+        "table_anchors": 1,
+        "table_int8": 1,
+        "table_results": 1,
+        "table_paper_comparison": 1,
         "all": 1,
     }
 

@@ -1,7 +1,7 @@
 """Snakemake script: FF features before the activation (and FF / attention outputs for CKA) on calibration tokens."""
 
 from ffmerge import pipeline
-from ffmerge.workflow import snakemake_job
+from ffmerge.jobs import snakemake_job
 
 with snakemake_job(snakemake):
     pipeline.cache(

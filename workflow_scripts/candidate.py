@@ -1,7 +1,7 @@
 """Snakemake script: build one candidate window and score it on validation data."""
 
 from ffmerge import pipeline
-from ffmerge.workflow import snakemake_job
+from ffmerge.jobs import snakemake_job
 
 with snakemake_job(snakemake):
     pipeline.candidate(

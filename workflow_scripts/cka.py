@@ -1,7 +1,7 @@
 """Snakemake script: linear-CKA matrices of FF outputs and attention outputs across layers."""
 
 from ffmerge import pipeline
-from ffmerge.workflow import snakemake_job
+from ffmerge.jobs import snakemake_job
 
 with snakemake_job(snakemake):
     pipeline.cka(snakemake.input.features, {"ff_out": snakemake.output.ff_out, "attn_out": snakemake.output.attn_out})

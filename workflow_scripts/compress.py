@@ -1,7 +1,7 @@
 """Snakemake script: the chosen (best or random) window as a tied checkpoint."""
 
 from ffmerge import pipeline
-from ffmerge.workflow import snakemake_job
+from ffmerge.jobs import snakemake_job
 
 with snakemake_job(snakemake):
     pipeline.build_compressed(

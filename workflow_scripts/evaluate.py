@@ -1,7 +1,7 @@
 """Snakemake script: test metric and sizes of one model."""
 
 from ffmerge import pipeline
-from ffmerge.workflow import snakemake_job
+from ffmerge.jobs import snakemake_job
 
 with snakemake_job(snakemake):
     pipeline.evaluate(

@@ -1,7 +1,7 @@
 """Snakemake script: recovery fine-tuning, resuming from the last checkpoint in the work folder."""
 
 from ffmerge import pipeline
-from ffmerge.workflow import snakemake_job
+from ffmerge.jobs import snakemake_job
 
 with snakemake_job(snakemake):
     pipeline.run_finetune(

@@ -1,7 +1,7 @@
 """Snakemake script: deterministic calibration / validation / test / train splits."""
 
 from ffmerge import pipeline
-from ffmerge.workflow import snakemake_job
+from ffmerge.jobs import snakemake_job
 
 with snakemake_job(snakemake):
     pipeline.prepare_data(snakemake.params.cfg, snakemake.input.model, snakemake.output[0])

@@ -1,7 +1,7 @@
 """Snakemake script: hub id, local folder or packaged offline model -> a plain transformers folder."""
 
+from ffmerge.jobs import snakemake_job
 from ffmerge.sources import prepare_model
-from ffmerge.workflow import snakemake_job
 
 with snakemake_job(snakemake):
     prepare_model(dict(snakemake.params.source), snakemake.output[0])

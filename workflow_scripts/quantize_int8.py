@@ -1,7 +1,7 @@
 """Snakemake script: LLM.int8() on a fine-tuned model; test metric and bytes."""
 
 from ffmerge import pipeline
-from ffmerge.workflow import snakemake_job
+from ffmerge.jobs import snakemake_job
 
 with snakemake_job(snakemake):
     pipeline.int8(

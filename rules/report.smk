@@ -1,0 +1,222 @@
+# The paper's artifacts from finished result files alone (no model in memory): figures as PNG + PDF, tables as
+# CSV + Markdown + HTML, every one marked for `snakemake --report report.html`. Cross-task figures and tables
+# (one panel / row group per task) go to {results_dir}/report/, per-model CKA heatmaps to {task}/figures/.
+import os
+
+REPORT = config["results_dir"] + "/report"
+REPORT_LOGS = config["results_dir"] + "/logs/report"
+REPORT_BENCH = config["results_dir"] + "/benchmarks/report"
+REPORT_TASKS = list(config["tasks"])
+PAPER_RESULTS = os.path.join(workflow.basedir, "data", "paper_results.yaml")
+TABLE_FORMATS = ("csv", "md", "html")
+CKA_FIGURES = {"ff_out": "Figure 5: CKA of FF outputs", "attn_out": "Figure 6: CKA of attention outputs"}
+
+
+report: "../report/workflow.rst"
+
+
+def per_task(path):
+    """One file per configured task, in config order (the scripts pair them with params.tasks)."""
+    return expand(path, task=REPORT_TASKS)
+
+
+def report_params(*keys):
+    """The task names (in the order of the per-task inputs) plus the named extras a script needs."""
+    tasks = config["tasks"]
+    extras = {
+        "titles": lambda: {t: f"{t} ({describe_model(tasks[t]['model'])})" for t in REPORT_TASKS},
+        "first_fractions": lambda: {t: tasks[t]["experiments"]["fractions"][0] for t in REPORT_TASKS},
+        "configs": lambda: {t: tasks[t] for t in REPORT_TASKS},
+    }
+    return {"tasks": REPORT_TASKS} | {key: extras[key]() for key in keys}
+
+
+def describe_model(source):
+    return source.get("id") or source.get("path") or source.get("file", "?")
+
+
+def figure_outputs(name, caption, subcategory):
+    return {
+        "png": report(f"{REPORT}/{name}.png", caption=caption, category="Figures", subcategory=subcategory),
+        "pdf": f"{REPORT}/{name}.pdf",
+    }
+
+
+def table_outputs(name, caption, subcategory):
+    return {
+        "csv": report(f"{REPORT}/{name}.csv", caption=caption, category="Tables", subcategory=subcategory,
+                      labels={"table": subcategory, "format": "CSV"}),
+        "md": f"{REPORT}/{name}.md",
+        "html": report(f"{REPORT}/{name}.html", caption=caption, category="Tables", subcategory=subcategory,
+                       labels={"table": subcategory, "format": "HTML"}),
+    }
+
+
+def report_outputs():
+    """Every artifact of this file: the `all` rule asks for them (rules/common.smk)."""
+    figures = [f"{REPORT}/{n}.{ext}" for n in ("figure2_ff_removed", "figure3_params_removed",
+                                               "figure10_window_scores") for ext in ("png", "pdf")]
+    cka = expand(f"{R}/figures/cka_{{kind}}.{{ext}}", task=REPORT_TASKS, kind=["ff_out", "attn_out"],
+                 ext=["png", "pdf"])
+    tables = [f"{REPORT}/{n}.{ext}" for n in ("table2_windows", "table3_anchors", "table4_int8", "table9_results",
+                                              "paper_comparison") for ext in TABLE_FORMATS]
+    return figures + cka + tables
+
+
+rule figure_ff_removed:
+    input:
+        table9=per_task(f"{R}/tables/table9.csv"),
+    output:
+        **figure_outputs("figure2_ff_removed", "../report/figure2.rst", "Figure 2: FF sublayers removed"),
+    params:
+        **report_params("titles"),
+    log:
+        f"{REPORT_LOGS}/figure2_ff_removed.log",
+    benchmark:
+        f"{REPORT_BENCH}/figure2_ff_removed.tsv"
+    conda:
+        "../envs/report.yaml"
+    script:
+        "../workflow_scripts/figure_ff_removed.py"
+
+
+rule figure_params_removed:
+    input:
+        table9=per_task(f"{R}/tables/table9.csv"),
+    output:
+        **figure_outputs("figure3_params_removed", "../report/figure3.rst", "Figure 3: parameters removed"),
+    params:
+        **report_params("titles"),
+    log:
+        f"{REPORT_LOGS}/figure3_params_removed.log",
+    benchmark:
+        f"{REPORT_BENCH}/figure3_params_removed.tsv"
+    conda:
+        "../envs/report.yaml"
+    script:
+        "../workflow_scripts/figure_params_removed.py"
+
+
+rule figure_window_scores:
+    input:
+        windows=per_task(f"{R}/tables/window_scores.csv"),
+    output:
+        **figure_outputs("figure10_window_scores", "../report/figure10.rst", "Figure 10: window search"),
+    params:
+        **report_params("titles", "first_fractions"),
+    log:
+        f"{REPORT_LOGS}/figure10_window_scores.log",
+    benchmark:
+        f"{REPORT_BENCH}/figure10_window_scores.tsv"
+    conda:
+        "../envs/report.yaml"
+    script:
+        "../workflow_scripts/figure_window_scores.py"
+
+
+rule figure_cka:
+    input:
+        f"{R}/cka/{{kind}}.csv",
+    output:
+        png=report(f"{R}/figures/cka_{{kind}}.png", caption="../report/figure_cka.rst", category="Figures",
+                   subcategory=lambda wc: CKA_FIGURES[wc.kind], labels={"task": "{task}"}),
+        pdf=f"{R}/figures/cka_{{kind}}.pdf",
+    params:
+        title=lambda wc: "{}: linear CKA of {} ({})".format(
+            wc.task, {"ff_out": "FF outputs", "attn_out": "attention outputs"}[wc.kind],
+            describe_model(config["tasks"][wc.task]["model"])),
+    log:
+        f"{LOGS}/figure_cka/{{kind}}.log",
+    benchmark:
+        f"{BENCH}/figure_cka/{{kind}}.tsv"
+    conda:
+        "../envs/report.yaml"
+    script:
+        "../workflow_scripts/figure_cka.py"
+
+
+rule table_windows:
+    input:
+        table9=per_task(f"{R}/tables/table9.csv"),
+        windows=per_task(f"{R}/tables/window_scores.csv"),
+    output:
+        **table_outputs("table2_windows", "../report/table2.rst", "Table 2: best vs random windows"),
+    params:
+        **report_params("first_fractions"),
+    log:
+        f"{REPORT_LOGS}/table2_windows.log",
+    benchmark:
+        f"{REPORT_BENCH}/table2_windows.tsv"
+    conda:
+        "../envs/report.yaml"
+    script:
+        "../workflow_scripts/report_windows.py"
+
+
+rule table_anchors:
+    input:
+        table9=per_task(f"{R}/tables/table9.csv"),
+    output:
+        **table_outputs("table3_anchors", "../report/table3.rst", "Table 3: merge anchor"),
+    params:
+        **report_params("first_fractions"),
+    log:
+        f"{REPORT_LOGS}/table3_anchors.log",
+    benchmark:
+        f"{REPORT_BENCH}/table3_anchors.tsv"
+    conda:
+        "../envs/report.yaml"
+    script:
+        "../workflow_scripts/report_anchors.py"
+
+
+rule table_int8:
+    input:
+        tables=per_task(f"{R}/tables/int8.csv"),
+    output:
+        **table_outputs("table4_int8", "../report/table4.rst", "Table 4: int8"),
+    params:
+        **report_params(),
+        what="int8",
+        title="Table 4: LLM.int8() on the fine-tuned models",
+    log:
+        f"{REPORT_LOGS}/table4_int8.log",
+    benchmark:
+        f"{REPORT_BENCH}/table4_int8.tsv"
+    conda:
+        "../envs/report.yaml"
+    script:
+        "../workflow_scripts/report_combine.py"
+
+
+use rule table_int8 as table_results with:
+    input:
+        tables=per_task(f"{R}/tables/table9.csv"),
+    output:
+        **table_outputs("table9_results", "../report/table9.rst", "Table 9: all results"),
+    params:
+        **report_params(),
+        what="results",
+        title="Table 9: every model after fine-tuning",
+    log:
+        f"{REPORT_LOGS}/table9_results.log",
+    benchmark:
+        f"{REPORT_BENCH}/table9_results.tsv"
+
+
+rule table_paper_comparison:
+    input:
+        table9=per_task(f"{R}/tables/table9.csv"),
+        paper=PAPER_RESULTS,
+    output:
+        **table_outputs("paper_comparison", "../report/paper_comparison.rst", "Ours vs the paper"),
+    params:
+        **report_params("configs"),
+    log:
+        f"{REPORT_LOGS}/paper_comparison.log",
+    benchmark:
+        f"{REPORT_BENCH}/paper_comparison.tsv"
+    conda:
+        "../envs/report.yaml"
+    script:
+        "../workflow_scripts/report_paper.py"

