@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from snakemake.utils import validate
+from snakemake_io import named
 
 from ffmerge import figures, pipeline, report
 from ffmerge.experiments import (
@@ -283,7 +284,7 @@ def build_task(root: Path, task: str, cfg: dict) -> None:
             pipeline.int8(cfg, r / "models" / v / f / c / "finetuned", data, int8[-1], "cpu")
         int8.append(r / "int8" / "base.json")
         pipeline.int8(cfg, r / "models" / "base" / "finetuned", data, int8[-1], "cpu")
-    inputs = _named(
+    inputs = named(
         base_pre=str(r / "eval" / "base" / "pre.json"),
         base=str(r / "eval" / "base" / f"{'post' if exp['finetune_baseline'] else 'pre'}.json"),
         pre=[str(r / "eval" / v / f / c / "pre.json") for v, f, c in models],
@@ -292,7 +293,7 @@ def build_task(root: Path, task: str, cfg: dict) -> None:
         **({"int8": [str(p) for p in int8]} if int8 else {}),
     )
     t = r / "tables"
-    outputs = _named(
+    outputs = named(
         table9_csv=str(t / "table9.csv"),
         table9_md=str(t / "table9.md"),
         int8_csv=str(t / "int8.csv"),
@@ -301,22 +302,6 @@ def build_task(root: Path, task: str, cfg: dict) -> None:
     )
     report.tables(inputs, outputs)
     pipeline.cka(r / "features", {"ff_out": r / "cka" / "ff_out.csv", "attn_out": r / "cka" / "attn_out.csv"})
-
-
-def _named(**items):
-    """Snakemake's named input/output list."""
-    from snakemake.iocontainers import Namedlist
-
-    named = Namedlist()
-    for key, value in items.items():
-        if isinstance(value, list):
-            start = len(named)
-            named.extend(value)
-            named._set_name(key, start, len(named))
-        else:
-            named.append(value)
-            named._add_name(key)
-    return named
 
 
 def build_results(root: Path, config: dict) -> None:

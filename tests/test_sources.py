@@ -110,7 +110,7 @@ def test_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
     save_tiny_llama(tmp_path / "orig")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("precious")
-    with pytest.raises(SourceError, match="not written by ffmerge"):
+    with pytest.raises(FileExistsError, match="not written by ffmerge"):
         prepare_model({"kind": "local", "path": str(tmp_path / "orig")}, tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
 

@@ -27,8 +27,8 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from snakemake.exceptions import WorkflowError
-from snakemake.iocontainers import Namedlist
 from snakemake.utils import validate
+from snakemake_io import named
 
 from ffmerge import experiments, pipeline, report, sources, tasks
 from ffmerge.adapters import UnsupportedModelError, supported_model_types
@@ -954,20 +954,6 @@ def _int8(
     }
 
 
-def _named(**items) -> Namedlist:
-    """Snakemake's named input/output list: a flat list whose names point at single items or slices."""
-    named = Namedlist()
-    for key, value in items.items():
-        if isinstance(value, list):
-            start = len(named)
-            named.extend(value)
-            named._set_name(key, start, len(named))
-        else:
-            named.append(value)
-            named._add_name(key)
-    return named
-
-
 @pytest.fixture
 def finished_task(tmp_path):
     """A finished six-layer task: base, permute (best, random0), drop (best); its selections and int8 runs."""
@@ -997,7 +983,7 @@ def finished_task(tmp_path):
         candidates = _write_candidates(tmp_path, variant, "1/3", scores, layers)
         selections.append(tmp_path / "selection" / variant / "1of3.json")
         select(candidates, CAUSAL_LM, selections[-1])
-    inputs = _named(
+    inputs = named(
         base_pre=str(paths["base_pre"]),
         base=str(paths["base"]),
         pre=[str(paths[f"pre/{m}"]) for m in ("permute", "drop", "random0")],
@@ -1006,7 +992,7 @@ def finished_task(tmp_path):
         int8=[str(paths["int8/permute"]), str(paths["int8/base"])],
     )
     out = tmp_path / "tables"
-    outputs = _named(
+    outputs = named(
         table9_csv=str(out / "table9.csv"),
         table9_md=str(out / "table9.md"),
         int8_csv=str(out / "int8.csv"),

@@ -16,8 +16,6 @@ Use :func:`load_compressed`.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from .adapters import get_submodule, set_submodule
+from .atomic import atomic_output_dir
 
 WEIGHTS = "ffmerge.safetensors"
 TIES = "ffmerge_ties.json"
@@ -69,11 +68,7 @@ def _alias_keys(ties: dict[str, dict[str, list[str]]], keys: list[str]) -> dict[
 
 
 def save_compressed(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` to ``path`` with each shared tensor once; atomic (temp folder, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """Write ``model`` to ``path`` with each shared tensor once; the folder appears complete or not at all."""
     ties = tie_map(model)
     state = model.state_dict()
     alias = _alias_keys(ties, list(state))
@@ -83,20 +78,19 @@ def save_compressed(model: nn.Module, path: str | Path, extra: dict[str, Any] | 
         if v.data_ptr() in seen and v.numel() > 0:
             raise ValueError(f"{k} shares storage with {seen[v.data_ptr()]} but is not a recorded tie")
         seen[v.data_ptr()] = k
-    save_file(unique, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    model.config.save_pretrained(tmp)
-    if getattr(model, "generation_config", None) is not None and model.can_generate():
-        model.generation_config.save_pretrained(tmp)
     meta = {
         "format_version": FORMAT_VERSION,
         "architecture": type(model).__name__,
         "ties": ties,
         "extra": extra or {},
     }
-    (tmp / TIES).write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-    return path
+    with atomic_output_dir(path, TIES) as tmp:
+        save_file(unique, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(tmp)
+        (tmp / TIES).write_text(json.dumps(meta, indent=1))
+    return Path(path)
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,8 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import get_adapter
+from .adapters import ModelAdapter, get_adapter
+from .atomic import atomic_output_dir
 
 KINDS = ("pre", "ff_out", "attn_out")
 _DTYPES = {"float16": (torch.float16, "F16"), "float32": (torch.float32, "F32")}
@@ -120,6 +120,22 @@ class FeatureStore:
         return self.manifest["num_layers"][stack]
 
 
+def _hook_points(
+    adapter: ModelAdapter, model: nn.Module, feature: str, kinds: tuple[str, ...]
+) -> Iterator[tuple[str, str, int, nn.Module, bool]]:
+    """(stack, kind, layer, module, hook its input?) for every tensor to record."""
+    for spec in adapter.stacks:
+        for i in range(adapter.num_layers(model, spec.name)):
+            modules = adapter.ff_modules(model, spec.name, i)
+            targets = {
+                "pre": _feature_module(modules, feature),
+                "ff_out": (modules["out"], False),
+                "attn_out": (adapter.attn_out_module(model, spec.name, i), False),
+            }
+            for kind in kinds:
+                yield (spec.name, kind, i, *targets[kind])
+
+
 def _feature_module(modules: dict[str, nn.Module], feature: str) -> tuple[nn.Module, bool]:
     """Which module carries the 'pre' features, and whether they are its input (True) or output."""
     if feature == "product":
@@ -161,92 +177,77 @@ def cache_features(
         raise ValueError(f"unknown feature kinds {sorted(unknown)}; choose from {KINDS}")
     adapter = get_adapter(model)
     feature = adapter.resolve_feature(feature)
-    out_dir = Path(out_dir)
-    tmp_dir = out_dir.with_name(out_dir.name + ".partial")
-    if tmp_dir.exists():
-        shutil.rmtree(tmp_dir)
-    model.eval()
-    stacks = [s.name for s in adapter.stacks]
-    taken = {s: 0 for s in stacks}
-    current: dict[str, torch.Tensor] = {}
-    writers: dict[tuple[str, str, int], StreamingSafetensorsWriter] = {}
-    meta = {"feature": feature, "dtype": dtype}
+    with atomic_output_dir(out_dir, MANIFEST) as tmp_dir:
+        model.eval()
+        stacks = [s.name for s in adapter.stacks]
+        taken = {s: 0 for s in stacks}
+        current: dict[str, torch.Tensor] = {}
+        writers: dict[tuple[str, str, int], StreamingSafetensorsWriter] = {}
+        meta = {"feature": feature, "dtype": dtype}
 
-    def writer(stack: str, kind: str, layer: int, width: int) -> StreamingSafetensorsWriter:
-        key = (stack, kind, layer)
-        if key not in writers:
-            path = FeatureStore(tmp_dir).path(stack, kind, layer)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            writers[key] = StreamingSafetensorsWriter(path, n_tokens, width, dtype, meta | {"kind": kind})
-        return writers[key]
+        def writer(stack: str, kind: str, layer: int, width: int) -> StreamingSafetensorsWriter:
+            key = (stack, kind, layer)
+            if key not in writers:
+                path = FeatureStore(tmp_dir).path(stack, kind, layer)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                writers[key] = StreamingSafetensorsWriter(path, n_tokens, width, dtype, meta | {"kind": kind})
+            return writers[key]
 
-    def hook_for(stack: str, kind: str, layer: int, use_input: bool):
-        def hook(module: nn.Module, args: tuple, output: Any = None) -> None:
-            if stack not in current:
-                return
-            rows = _select(args[0] if use_input else output, current[stack])
-            writer(stack, kind, layer, rows.shape[-1]).append(rows)
+        def hook_for(stack: str, kind: str, layer: int, use_input: bool):
+            def hook(module: nn.Module, args: tuple, output: Any = None) -> None:
+                if stack not in current:
+                    return
+                rows = _select(args[0] if use_input else output, current[stack])
+                writer(stack, kind, layer, rows.shape[-1]).append(rows)
 
-        return hook
+            return hook
 
-    with ExitStack() as stack_ctx, torch.inference_mode():
-        for spec in adapter.stacks:
-            for i in range(adapter.num_layers(model, spec.name)):
-                modules = adapter.ff_modules(model, spec.name, i)
-                targets = {
-                    "pre": _feature_module(modules, feature),
-                    "ff_out": (modules["out"], False),
-                    "attn_out": (adapter.attn_out_module(model, spec.name, i), False),
-                }
-                for kind in kinds:
-                    module, use_input = targets[kind]
-                    hook = hook_for(spec.name, kind, i, use_input)
-                    handle = module.register_forward_pre_hook(hook) if use_input else module.register_forward_hook(hook)
-                    stack_ctx.callback(handle.remove)
-        bar = tqdm(total=n_tokens * len(stacks), desc="caching features", unit="tok", disable=not progress)
-        try:
-            for batch in batches:
-                if all(taken[s] >= n_tokens for s in stacks):
-                    break
-                current.clear()
-                for name, mask in batch["token_masks"].items():
-                    mask = _first_positions(mask.to(torch.bool), n_tokens - taken[name])
-                    if mask.any():
-                        current[name] = mask.to(device)
-                        taken[name] += int(mask.sum())
-                        bar.update(int(mask.sum()))
-                if not current:
-                    continue
-                inputs = {
-                    k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items() if k != "token_masks"
-                }
-                (forward or _default_forward)(model, inputs)
-            bar.close()
-            short = {s: taken[s] for s in stacks if taken[s] < n_tokens}
-            if short:
-                raise ValueError(
-                    f"the calibration data ran out after {short} tokens; {n_tokens} were asked for. Lower the "
-                    "feature token budget or give the calibration split more data"
-                )
-            for w in writers.values():
-                w.close()
-        except BaseException:
-            for w in writers.values():
-                w.abort()
-            raise
-    manifest = {
-        "model_type": model.config.model_type,
-        "feature": feature,
-        "dtype": dtype,
-        "kinds": list(kinds),
-        "n_tokens": {s: n_tokens for s in stacks},
-        "num_layers": {s: adapter.num_layers(model, s) for s in stacks},
-    }
-    (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp_dir, out_dir)
-    return FeatureStore(out_dir, manifest)
+        with ExitStack() as stack_ctx, torch.inference_mode():
+            for stack, kind, layer, module, use_input in _hook_points(adapter, model, feature, kinds):
+                hook = hook_for(stack, kind, layer, use_input)
+                register = module.register_forward_pre_hook if use_input else module.register_forward_hook
+                stack_ctx.callback(register(hook).remove)
+            bar = tqdm(total=n_tokens * len(stacks), desc="caching features", unit="tok", disable=not progress)
+            try:
+                for batch in batches:
+                    if all(taken[s] >= n_tokens for s in stacks):
+                        break
+                    current.clear()
+                    for name, mask in batch["token_masks"].items():
+                        mask = _first_positions(mask.to(torch.bool), n_tokens - taken[name])
+                        if mask.any():
+                            current[name] = mask.to(device)
+                            taken[name] += int(mask.sum())
+                            bar.update(int(mask.sum()))
+                    if not current:
+                        continue
+                    inputs = {
+                        k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items() if k != "token_masks"
+                    }
+                    (forward or _default_forward)(model, inputs)
+                bar.close()
+                short = {s: taken[s] for s in stacks if taken[s] < n_tokens}
+                if short:
+                    raise ValueError(
+                        f"the calibration data ran out after {short} tokens; {n_tokens} were asked for. Lower the "
+                        "feature token budget or give the calibration split more data"
+                    )
+                for w in writers.values():
+                    w.close()
+            except BaseException:
+                for w in writers.values():
+                    w.abort()
+                raise
+        manifest = {
+            "model_type": model.config.model_type,
+            "feature": feature,
+            "dtype": dtype,
+            "kinds": list(kinds),
+            "n_tokens": {s: n_tokens for s in stacks},
+            "num_layers": {s: adapter.num_layers(model, s) for s in stacks},
+        }
+        (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return FeatureStore(Path(out_dir), manifest)
 
 
 def _first_positions(mask: torch.Tensor, limit: int) -> torch.Tensor:

@@ -12,21 +12,19 @@ really was (e.g. that a "full" SmolLM2 is in fact a dequantized 4-bit model).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+
+from .atomic import atomic_output_dir
 
 SOURCE_RECORD = "ffmerge_source.json"
 VALID_KINDS = ("hub", "local", "package")
@@ -113,38 +111,6 @@ def looks_offline(exc: BaseException) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: str | Path, marker: str) -> Iterator[Path]:
-    """Yield a scratch folder that replaces ``out_dir`` only if the block completes.
-
-    The scratch folder lives beside ``out_dir`` (same file system, so the final rename is atomic):
-    an interrupted run leaves no half-written ``out_dir`` that a later step could mistake for a
-    finished one. An existing ``out_dir`` is replaced only if it holds ``marker`` (i.e. it was
-    written by us), so a mistyped path never deletes someone's folder.
-    """
-    out = Path(out_dir).resolve()
-    if out.exists() and any(out.iterdir()) and not (out / marker).exists():
-        raise SourceError(f"{out} exists and was not written by ffmerge (no {marker}); refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp's private 0700 would otherwise become the final folder's mode
-    try:
-        yield tmp
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        out.rename(trash / out.name)
-        new.rename(out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        new.rename(out)
 
 
 def write_json(path: Path, data: Any) -> None:
