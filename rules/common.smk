@@ -1,5 +1,5 @@
 # Paths, wildcard constraints and job planning shared by every rule.
-from ffmerge.experiments import compressed_models, fraction_label
+from ffmerge.experiments import compressed_models, fraction_label, parse_fraction_label
 from ffmerge.workflow import candidate_starts
 
 R = config["results_dir"] + "/{task}"

@@ -25,8 +25,7 @@ rule candidate:
 
 def candidate_files(wildcards):
     model_dir = checkpoints.prepare_model.get(task=wildcards.task).output[0]
-    fraction = wildcards.fraction.replace("of", "/") if wildcards.fraction != "all-but-one" else "all-but-one"
-    starts = candidate_starts(model_dir, wildcards.search, fraction)
+    starts = candidate_starts(model_dir, wildcards.search, parse_fraction_label(wildcards.fraction))
     return expand(f"{R}/candidates/{{search}}/{{fraction}}/start{{start}}.json", start=starts,
                   task=wildcards.task, search=wildcards.search, fraction=wildcards.fraction)
 

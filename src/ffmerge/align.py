@@ -51,15 +51,22 @@ class MergePlan:
     feature: str
     stacks: list[StackAlignment]
 
-    def save(self, path: str | Path) -> None:
+    def to_dict(self) -> dict:
+        """JSON-ready form (layer keys become strings)."""
         data = asdict(self)
         for s in data["stacks"]:
             s["perms"] = {str(k): v for k, v in s["perms"].items()}
-        Path(path).write_text(json.dumps(data))
+        return data
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict()))
 
     @classmethod
     def load(cls, path: str | Path) -> MergePlan:
-        data = json.loads(Path(path).read_text())
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MergePlan:
         stacks = [StackAlignment(**{**s, "perms": {int(k): v for k, v in s["perms"].items()}}) for s in data["stacks"]]
         return cls(method=data["method"], feature=data["feature"], stacks=stacks)
 

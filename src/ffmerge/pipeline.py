@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter
-from .align import MergePlan, plan_merge
+from .align import plan_merge
 from .checkpoint import load_model, save_compressed
 from .cka import cka_matrix
 from .drop import drop_layers
@@ -97,13 +97,7 @@ def compress(model: nn.Module, variant: str, fraction: str, start: int, features
         raise ValueError(f"variant {variant} needs cached features")
     plan = plan_merge(features, windows, anchor=anchor, method=method)
     apply_plan(model, plan)
-    return {"windows": windows, "plan": _plan_dict(plan)}
-
-
-def _plan_dict(plan: MergePlan) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        plan.save(Path(tmp) / "plan.json")
-        return read_json(Path(tmp) / "plan.json")
+    return {"windows": windows, "plan": plan.to_dict()}
 
 
 def candidate(
