@@ -23,8 +23,8 @@ def permute_ff(adapter: ModelAdapter, model: nn.Module, stack: str, layer: int, 
     Rows (neuron axis) of every input projection and its bias move together with the columns of the
     output projection. The output bias lives in model space and does not move.
     """
-    index = torch.as_tensor(perm, dtype=torch.long)
     modules = adapter.ff_modules(model, stack, layer)
+    index = torch.as_tensor(perm, dtype=torch.long, device=modules["out"].weight.device)  # GPU models too
     n = modules["out"].weight.shape[neuron_axis(modules["out"], "out")]
     if sorted(perm) != list(range(n)):
         raise ValueError(f"{stack} layer {layer}: not a permutation of {n} neurons")
