@@ -17,16 +17,32 @@ wildcard_constraints:
     start="[0-9]+",
     stage="pre|post",
     kind="ff_out|attn_out",
+    prepared="base|backbone",
 
 
 def task_cfg(*keys):
-    """Only the config blocks a rule reads, so editing one block (say, finetune) reruns only its jobs."""
+    """Only the config blocks a rule reads, so editing one block (say, finetune) reruns only its jobs.
+
+    Keys a task type does not use (image_size for a language model) are simply absent."""
 
     def params(wildcards):
         cfg = config["tasks"][wildcards.task]
-        return {key: cfg[key] for key in ("type", "seed", *keys)}
+        return {key: cfg[key] for key in ("type", "seed", *keys) if key in cfg}
 
     return params
+
+
+# Tasks whose baseline classifier is a linear head fitted on a bare backbone (config key `probe`): their source
+# model is prepared as model/backbone and rule fit_head writes model/base. The regex matches no name when none.
+PROBE_TASKS = "|".join(t for t, c in config["tasks"].items() if "probe" in c) or "(?!)"
+
+
+def prepared_name(task):
+    return "backbone" if "probe" in config["tasks"][task] else "base"
+
+
+def source_model_dir(task):
+    return f"{R}/model/{prepared_name(task)}".format(task=task)
 
 
 def search_of(variant):

@@ -1,12 +1,16 @@
+# The model as the task's source gives it, the data splits, and for a backbone without a classifier (the offline
+# vision default) a linear head fitted on frozen features: every later rule reads {R}/model/base.
+
+
 checkpoint prepare_model:
     output:
-        directory(f"{R}/model/base"),
+        directory(f"{R}/model/{{prepared}}"),
     params:
-        source=lambda wc: config["tasks"][wc.task]["model"],
+        cfg=task_cfg("model"),
     log:
-        f"{LOGS}/prepare_model.log",
+        f"{LOGS}/prepare_model_{{prepared}}.log",
     benchmark:
-        f"{BENCH}/prepare_model.tsv",
+        f"{BENCH}/prepare_model_{{prepared}}.tsv",
     resources:
         mem_mb=8000,
     conda:
@@ -17,11 +21,11 @@ checkpoint prepare_model:
 
 rule prepare_data:
     input:
-        model=f"{R}/model/base",
+        model=lambda wc: source_model_dir(wc.task),
     output:
         directory(f"{R}/data"),
     params:
-        cfg=task_cfg("data", "splits"),
+        cfg=task_cfg("data", "splits", "image_size", "speech"),
     log:
         f"{LOGS}/prepare_data.log",
     benchmark:
@@ -30,3 +34,29 @@ rule prepare_data:
         "../envs/torch.yaml"
     script:
         "../workflow_scripts/prepare_data.py"
+
+
+rule fit_head:
+    input:
+        model=f"{R}/model/backbone",
+        data=f"{R}/data",
+    output:
+        directory(f"{R}/model/base"),
+    params:
+        cfg=task_cfg("probe", "image_size"),
+        device=DEVICE,
+    wildcard_constraints:
+        task=PROBE_TASKS,
+    log:
+        f"{LOGS}/fit_head.log",
+    benchmark:
+        f"{BENCH}/fit_head.tsv",
+    resources:
+        mem_mb=4000,
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../workflow_scripts/fit_head.py"
+
+
+ruleorder: fit_head > prepare_model

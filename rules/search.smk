@@ -1,4 +1,5 @@
-# Sliding-window search: one job per (method, fraction, window start), then the best window.
+# Sliding-window search. search.mode per_window: one job per (method, fraction, window start), then the best
+# window; in_process: select_window itself scores every start, reusing the base model's hidden states.
 
 
 rule candidate:
@@ -24,19 +25,27 @@ rule candidate:
 
 
 def candidate_files(wildcards):
-    model_dir = checkpoints.prepare_model.get(task=wildcards.task).output[0]
+    model_dir = checkpoints.prepare_model.get(task=wildcards.task, prepared=prepared_name(wildcards.task)).output[0]
     starts = candidate_starts(model_dir, wildcards.search, parse_fraction_label(wildcards.fraction))
     return expand(f"{R}/candidates/{{search}}/{{fraction}}/start{{start}}.json", start=starts,
                   task=wildcards.task, search=wildcards.search, fraction=wildcards.fraction)
 
 
+def selection_inputs(wildcards):
+    if config["tasks"][wildcards.task]["search"]["mode"] == "per_window":
+        return {"candidates": candidate_files(wildcards)}
+    paths = {"model": f"{R}/model/base", "data": f"{R}/data", **features_if_merge(wildcards)}
+    return {key: path.format(task=wildcards.task) for key, path in paths.items()}
+
+
 rule select_window:
     input:
-        candidate_files,
+        unpack(selection_inputs),
     output:
         f"{R}/selection/{{search}}/{{fraction}}.json",
     params:
-        cfg=task_cfg(),
+        cfg=task_cfg("selection", "search"),
+        device=DEVICE,
     log:
         f"{LOGS}/select_window/{{search}}/{{fraction}}.log",
     benchmark:

@@ -200,3 +200,12 @@ def build(name: str, seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
     family = FAMILIES[name]
     model = family.build().eval()
     return model, family.inputs(torch.Generator().manual_seed(seed + 1))
+
+
+def calibration_batches(name: str, n: int, seed: int = 5):
+    """``n`` random input batches of family ``name`` with their token masks, as the feature cache wants."""
+    g = torch.Generator().manual_seed(seed)
+    family = FAMILIES[name]
+    for _ in range(n):
+        inputs = family.inputs(g)
+        yield {**inputs, "token_masks": family.token_masks(inputs)}

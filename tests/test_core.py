@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from families import FAMILIES, build
+from families import calibration_batches as _batches
 from safetensors import safe_open
 
 from ffmerge.adapters import UnsupportedModelError, get_adapter, neuron_axis
@@ -15,14 +16,6 @@ from ffmerge.merge import apply_plan, ff_block_groups, permute_ff
 from ffmerge.size import size_report
 
 NAMES = sorted(FAMILIES)
-
-
-def _batches(name: str, n: int, seed: int = 5):
-    g = torch.Generator().manual_seed(seed)
-    family = FAMILIES[name]
-    for _ in range(n):
-        inputs = family.inputs(g)
-        yield {**inputs, "token_masks": family.token_masks(inputs)}
 
 
 def _data_bytes(folder) -> int:
@@ -243,3 +236,18 @@ def test_cross_correlation_matches_numpy_corrcoef():
     got = cross_correlation(a, b).numpy()
     np.testing.assert_allclose(got[:, :4], expected[:, :4], atol=1e-5)
     assert np.all(got[:, 4] == 0)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if FAMILIES[n].generates])
+def test_generation_config_survives_save_load_save(name, tmp_path):
+    # Whisper decodes only with its own generation config (prompt and timestamp tokens); a compressed
+    # checkpoint is saved, loaded for fine-tuning and saved again, and must keep it every time
+    model, _ = build(name)
+    model.generation_config.max_length = 77
+    model.generation_config.repetition_penalty = 1.25
+    save_compressed(model, tmp_path / "first")
+    again = load_compressed(tmp_path / "first")
+    save_compressed(again, tmp_path / "second")
+    reloaded = load_compressed(tmp_path / "second")
+    assert reloaded.generation_config.max_length == 77
+    assert reloaded.generation_config.repetition_penalty == 1.25

@@ -8,6 +8,8 @@ import pytest
 import torch
 from families import FAMILIES, build
 
+from ffmerge.adapters import get_adapter
+from ffmerge.checkpoint import load_compressed, save_compressed
 from ffmerge.cka import cka_matrix, linear_cka
 from ffmerge.drop import drop_layers
 from ffmerge.features import cache_features
@@ -122,3 +124,17 @@ def test_cka_matrix_over_cached_layers(tmp_path):
     assert (matrix == matrix.T).all()
     expected = linear_cka(store.load("encoder", "ff_out", 1), store.load("decoder", "ff_out", 2))
     assert matrix[1, 5 + 2] == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_family_saves_and_reloads_after_dropping(name, tmp_path):
+    # configs that carry per-layer bookkeeping (DINOv2's backbone stage names) must agree with the new depth,
+    # or transformers refuses to load the saved config
+    model, inputs = build(name)
+    stacks = [s.name for s in get_adapter(model).stacks]
+    drop_layers(model, {stack: (1, 2) for stack in stacks})
+    save_compressed(model, tmp_path / "dropped")
+    reloaded = load_compressed(tmp_path / "dropped").eval()
+    family = FAMILIES[name]
+    with torch.no_grad():
+        torch.testing.assert_close(family.output(reloaded, inputs), family.output(model.eval(), inputs))

@@ -30,7 +30,25 @@ def _reduced_config(results: Path) -> dict:
     # 28 of 30 layers: 2 merge windows and 3 drop windows, so the random-window control has a window to pick
     task["experiments"] = {"fractions": ["14/15"], "anchors": ["first", "last"], "random_windows": 1}
     task["finetune"] = {"max_steps": 4, "batch_size": 2, "seq_len": 64, "eval_every": 2, "checkpoint_every": 2}
+    # the vision (DINOv2 + linear head on Fashion-MNIST) and speech (Whisper on espeak-ng) tasks, at 1/3 only
+    vision = config["tasks"]["vision"]
+    vision["splits"] = {"calib": 40, "valid": 40, "test": 60, "train": 300}
+    vision["features"] = {"tokens": 512, "batch_size": 16}
+    vision["probe"] = {"batch_size": 64, "max_iter": 30}
+    vision["experiments"] = {"fractions": ["1/3"], "anchors": ["first", "last"], "random_windows": 1}
+    vision["finetune"] = {"max_steps": 2, "batch_size": 8, "eval_every": 1, "checkpoint_every": 1}
+    asr = config["tasks"]["asr"]
+    asr["splits"] = {"calib": 6, "valid": 3, "test": 4, "train": 8}
+    asr["features"] = {"tokens": 64, "batch_size": 4}
+    asr["selection"] = asr["evaluation"] = {"batch_size": 4, "max_new_tokens": 24}
+    asr["experiments"] = {"fractions": ["1/3"], "anchors": ["first", "last"], "random_windows": 1}
+    asr["finetune"] = {"max_steps": 2, "batch_size": 2, "eval_every": 1, "checkpoint_every": 1}
     return config
+
+
+# task -> (FF sublayers removed by the reduced config's fraction (encoder + decoder for asr), layers in the CKA
+# matrix, window starts of the (permute, drop) searches)
+REDUCED = {"lm": (28, 30, (2, 3)), "vision": (4, 12, (8, 9)), "asr": (2, 8, (3, 4))}
 
 
 @pytest.mark.e2e
@@ -42,25 +60,36 @@ def test_reduced_default_pipeline_end_to_end(tmp_path):
     run = subprocess.run(command, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
+    for task, (removed, cka_layers, (merge_starts, drop_starts)) in REDUCED.items():
+        out = results / task
+        table = pd.read_csv(out / "tables" / "table9.csv")
+        assert set(table["variant"]) == {"base", "permute", "vanilla", "drop", "permute@last"}, task
+        base = table[table["variant"] == "base"].iloc[0]
+        compressed = table[table["variant"] != "base"]
+        assert (compressed["parameters"] < base["parameters"]).all(), task
+        assert (compressed["ffs_removed"] == removed).all(), task
+        assert set(compressed["choice"]) == {"best", "random0"}, task
+        assert (out / "tables" / "table9.md").read_text().count("\n") == len(table) + 2
+        int8 = pd.read_csv(out / "tables" / "int8.csv")
+        assert set(int8["variant"]) == {"base", "permute", "vanilla"}, task
+        ratios = int8.pivot(index="variant", columns="int8", values="ratio")
+        assert (ratios[True] < ratios[False]).all(), task
+        assert ratios.loc["permute", True] < ratios.loc["base", True], task  # merging and int8 compose
+
+        # the in-process search scored every window start in full
+        fraction = "14of15" if task == "lm" else "1of3"
+        for search, starts in (("permute", merge_starts), ("drop", drop_starts)):
+            selection = json.loads((out / "selection" / search / f"{fraction}.json").read_text())
+            assert sorted(selection["scores"], key=int) == [str(s) for s in range(starts)], (task, search)
+            assert not selection["screened"]
+            best = max if task == "vision" else min
+            assert selection["best_valid"] == best(selection["scores"].values())
+
+        cka = pd.read_csv(out / "cka" / "ff_out.csv", index_col=0)
+        assert cka.shape == (cka_layers, cka_layers), task
+        assert (abs(cka.values.diagonal() - 1) < 1e-6).all(), task
+
     lm = results / "lm"
-    table = pd.read_csv(lm / "tables" / "table9.csv")
-    assert set(table["variant"]) == {"base", "permute", "vanilla", "drop", "permute@last"}
-    base = table[table["variant"] == "base"].iloc[0]
-    compressed = table[table["variant"] != "base"]
-    assert (compressed["parameters"] < base["parameters"]).all()
-    assert (compressed["ffs_removed"] == 28).all()
-    assert set(compressed["choice"]) == {"best", "random0"}
-    assert (lm / "tables" / "table9.md").read_text().count("\n") == len(table) + 2
-    int8 = pd.read_csv(lm / "tables" / "int8.csv")
-    assert set(int8["variant"]) == {"base", "permute", "vanilla"}
-    ratios = int8.pivot(index="variant", columns="int8", values="ratio")
-    assert (ratios[True] < ratios[False]).all()
-    assert ratios.loc["permute", True] < ratios.loc["base", True]  # merging and int8 compose
-
-    cka = pd.read_csv(lm / "cka" / "ff_out.csv", index_col=0)
-    assert cka.shape == (30, 30)
-    assert (abs(cka.values.diagonal() - 1) < 1e-6).all()
-
     # the saved compressed model really is smaller: tied FF modules are one object, stored once
     merged = load_model(lm / "models" / "permute" / "14of15" / "best" / "finetuned")
     base_model = load_model(lm / "model" / "base", auto_class="AutoModelForCausalLM")

@@ -32,6 +32,7 @@ from ffmerge.experiments import (
 )
 from ffmerge.finetune import FinetuneResult
 from ffmerge.size import SizeReport
+from ffmerge.tasks.causal_lm import CausalLMTask
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "schemas" / "config.schema.yaml"
@@ -366,7 +367,15 @@ def test_tree_has_the_pipeline_layout_and_table_columns(tree):
     assert len(table) == 1 + len(compressed_models(tree["config"]["tasks"]["lm"]["experiments"]))
     post = _json(tree, "lm", "eval", "permute", "1of3", "best", "post.json")
     assert post["start"] == BEST["permute", "1/3"] and post["finetune"]["steps"] == 2
-    assert list(tree["scores"]["lm"].columns) == ["variant", "fraction", "start", "metric", "valid", "selected"]
+    assert list(tree["scores"]["lm"].columns) == [
+        "variant",
+        "fraction",
+        "start",
+        "metric",
+        "valid",
+        "selected",
+        "share",
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -447,6 +456,27 @@ def test_figure10_window_scores_and_chosen_marker(tree):
         assert selection["best_start"] == BEST[search, fraction]
     assert notes == []
     assert fig.axes[0].get_title().endswith("windows at 1/3") and fig.axes[2].get_title().endswith("windows at 1/2")
+
+
+def test_figure10_draws_screened_windows_apart_from_the_line(tree, tmp_path):
+    # a search with screening: two windows scored on a quarter of the data only
+    rows = [
+        {"variant": "permute", "fraction": "1/3", "start": s, "windows": {}, "metric": "ppl", "valid": v, "share": sh}
+        for s, v, sh in ((0, 30.0, 1.0), (1, 90.0, 0.25), (2, 25.0, 1.0), (3, 80.0, 0.25))
+    ]
+    selection = pipeline._write_selection(rows, CausalLMTask({}), tmp_path / "sel.json")
+    assert selection["best_start"] == 2 and selection["screened"] == {"1": 0.25, "3": 0.25}
+    frame = report.window_scores([selection])
+    assert frame["share"].tolist() == [1.0, 0.25, 1.0, 0.25]
+    fig, notes = figures.window_scores_figure({"lm": frame}, {"lm": "1/3"})
+    lines = _lines(fig)
+    assert _xy(lines["lm:permute"]) == ([0.0, 2.0], [30.0, 25.0])
+    assert _xy(lines["lm:permute:screened"]) == ([1.0, 3.0], [90.0, 80.0])
+    assert lines["lm:permute:screened"].get_markerfacecolor() == "none"
+    assert notes == [
+        "lm: 2 permute windows were screened out on part of the validation data (hollow markers; their scores are "
+        "on that part only)"
+    ]
 
 
 def test_figure10_notes_a_fraction_without_windows(tree):

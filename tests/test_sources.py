@@ -163,9 +163,22 @@ def test_missing_file_in_package_lists_what_is_there(tmp_path):
         prepare_model({"kind": "package", "package": "ffmerge", "file": "nope.gguf"}, tmp_path / "out")
 
 
-def test_package_file_of_unsupported_format_points_to_adapters(tmp_path):
-    with pytest.raises(SourceError, match="neither a GGUF file nor a transformers folder.*adapters"):
+def test_package_file_of_unsupported_format_points_to_converters(tmp_path):
+    with pytest.raises(SourceError, match="neither a GGUF file nor a transformers folder.*CONVERTERS"):
         prepare_model({"kind": "package", "package": "ffmerge", "file": "sources.py"}, tmp_path / "out")
+
+
+def test_a_file_that_is_not_in_the_named_format_is_refused_with_the_reason(tmp_path):
+    source = {"kind": "package", "package": "ffmerge", "file": "sources.py", "format": "whisper_ct2"}
+    with pytest.raises(SourceError, match="cannot convert .*sources.py as whisper_ct2"):
+        prepare_model(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_model_format_lists_the_known_ones(tmp_path):
+    source = {"kind": "package", "package": "ffmerge", "file": "sources.py", "format": "tflite"}
+    with pytest.raises(SourceError, match="unknown model format 'tflite'.*dinov2_onnx.*whisper_ct2"):
+        prepare_model(source, tmp_path / "out")
 
 
 def test_offline_hub_explains_and_suggests_local_kind(tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -76,11 +77,6 @@ def _validated(config: dict) -> dict:
 @pytest.fixture
 def default_config() -> dict:
     return _load_yaml(DEFAULT_CONFIG)
-
-
-def _only_task(config: dict) -> dict:
-    (task,) = config["tasks"].values()
-    return task
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -268,7 +264,7 @@ def test_validation_fills_in_defaults(default_config):
     assert task["finetune"]["schedule"] == "inverse_sqrt"
     assert task["finetune"]["max_steps"] == 10  # given, not the default 100
     assert task["finetune"]["fp16"] is False and task["finetune"]["warmup_steps"] == 0
-    assert task["selection"] == {"window": 1024, "stride": 512, "batch_size": 4}
+    assert task["selection"] == {"window": 1024, "stride": 512, "batch_size": 4, "max_new_tokens": 128, "num_beams": 1}
     assert task["seed"] == 0
     assert config["results_dir"] == "results" and config["device"] == "auto"
 
@@ -589,7 +585,8 @@ def dry_runs(_dry_run_processes):
     return finished
 
 
-def _expected_counts(exp: dict) -> dict[str, int]:
+def _task_counts(task: dict) -> dict[str, int]:
+    exp = task["experiments"]
     models = compressed_models(exp)
     searches = {split_variant(v)[0] for v, _, _ in models}
     fractions = exp["fractions"]
@@ -598,6 +595,7 @@ def _expected_counts(exp: dict) -> dict[str, int]:
     return {
         "prepare_model": 1,
         "prepare_data": 1,
+        "fit_head": 1 if "probe" in task else 0,
         "cache_features": 1,
         "select_window": len(searches) * len(fractions),
         "compress": len(models),
@@ -609,32 +607,47 @@ def _expected_counts(exp: dict) -> dict[str, int]:
         "quantize_int8_base": 1 if exp["int8"] else 0,
         "cka": 1,
         "tables": 1,
-        # rules/report.smk: CKA heatmaps per task, then one of each cross-task figure and table
-        "figure_cka": 2,
-        "figure_ff_removed": 1,
-        "figure_params_removed": 1,
-        "figure_window_scores": 1,
-        "table_windows": 1,
-        "table_anchors": 1,
-        "table_int8": 1,
-        "table_results": 1,
-        "table_paper_comparison": 1,
-        "all": 1,
+        "figure_cka": 2,  # rules/report.smk: CKA heatmaps per task
     }
+
+
+# rules/report.smk: one of each cross-task figure and table
+PER_RUN = dict.fromkeys(
+    (
+        "figure_ff_removed",
+        "figure_params_removed",
+        "figure_window_scores",
+        "table_windows",
+        "table_anchors",
+        "table_int8",
+        "table_results",
+        "table_paper_comparison",
+        "all",
+    ),
+    1,
+)
+
+
+def _expected_counts(config: dict) -> dict[str, int]:
+    counts = Counter(PER_RUN)
+    for task in config["tasks"].values():
+        counts.update(_task_counts(task))
+    return {k: v for k, v in counts.items() if v}
 
 
 def test_dry_run_of_the_default_config(dry_runs):
     returncode, output, results = dry_runs["default"]
     assert returncode == 0, output[-4000:]
     counts = _job_counts(output)
-    exp = _only_task(_validated(_load_yaml(DEFAULT_CONFIG)))["experiments"]
-    expected = {k: v for k, v in _expected_counts(exp).items() if v}
+    expected = _expected_counts(_validated(_load_yaml(DEFAULT_CONFIG)))
     assert counts == expected | {"total": sum(expected.values())}
-    assert counts["compress"] == 14 and counts["evaluate"] == 28 and counts["select_window"] == 9
-    # candidates come after the checkpoint: a dry run cannot know the layer count yet
+    # three tasks; the speech model's 4 layers leave room for 2 random windows only
+    assert counts["compress"] == 14 + 14 + 13 and counts["select_window"] == 3 * 9 and counts["fit_head"] == 1
+    # the default searches in process (no per-window candidate jobs); the vision backbone gets its head first
     assert "candidate" not in counts
     assert "checkpoint" in output.lower()
     assert str(results / "lm" / "model" / "base") in output
+    assert str(results / "vision" / "model" / "backbone") in output
     assert not results.exists()
 
 
@@ -644,9 +657,11 @@ def test_dry_run_of_the_paper_config(dry_runs):
     returncode, output, results = dry_runs["paper"]
     assert returncode == 0, output[-4000:]
     paper = _validated(_load_yaml(PAPER_CONFIG))
-    (task_name,) = paper["tasks"]
-    assert f"task={task_name}" in output
-    assert str(results / task_name / "model" / "base") in output
+    assert {t["type"] for t in paper["tasks"].values()} == {"causal_lm", "image_classification", "translation"}
+    for task_name in paper["tasks"]:
+        assert f"task={task_name}" in output
+        assert str(results / task_name / "model" / "base") in output
+    # per-window candidate jobs come after the prepare_model checkpoint: a dry run cannot know the layer count yet
     assert "candidate" not in _job_counts(output)
     assert not results.exists()
 
@@ -1065,7 +1080,7 @@ def test_int8_table(finished_task):
 
 def test_window_scores_mark_exactly_one_selected_start(finished_task):
     table = pd.read_csv(finished_task / "window_scores.csv")
-    assert list(table.columns) == ["variant", "fraction", "start", "metric", "valid", "selected"]
+    assert list(table.columns) == ["variant", "fraction", "start", "metric", "valid", "selected", "share"]
     assert len(table) == 4 + 5
     for (variant, fraction), group in table.groupby(["variant", "fraction"]):
         assert fraction == "1/3"

@@ -1,7 +1,7 @@
 """Snakemake script: hub id, local folder or packaged offline model -> a plain transformers folder."""
 
+from ffmerge import pipeline
 from ffmerge.jobs import snakemake_job
-from ffmerge.sources import prepare_model
 
 with snakemake_job(snakemake):
-    prepare_model(dict(snakemake.params.source), snakemake.output[0])
+    pipeline.prepare_base_model(snakemake.params.cfg, snakemake.output[0])

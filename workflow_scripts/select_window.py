@@ -1,7 +1,22 @@
-"""Snakemake script: the best window of a search, with every window's validation score."""
+"""Snakemake script: the best window of a search, with every window's validation score.
+
+per_window mode: pick among the candidate jobs' scores; in_process mode: score every window here.
+"""
 
 from ffmerge import pipeline
 from ffmerge.jobs import snakemake_job
 
 with snakemake_job(snakemake):
-    pipeline.select(snakemake.input, snakemake.params.cfg, snakemake.output[0])
+    if "candidates" in snakemake.input.keys():
+        pipeline.select(snakemake.input.candidates, snakemake.params.cfg, snakemake.output[0])
+    else:
+        pipeline.search(
+            snakemake.params.cfg,
+            snakemake.input.model,
+            snakemake.input.data,
+            snakemake.input.get("features"),
+            snakemake.wildcards.search,
+            snakemake.wildcards.fraction,
+            snakemake.output[0],
+            snakemake.params.device,
+        )

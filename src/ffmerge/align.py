@@ -79,21 +79,31 @@ def anchor_layer(start: int, size: int, anchor: str) -> int:
     return start + offset
 
 
+def standardize(x: torch.Tensor) -> torch.Tensor:
+    """Columns centred and scaled to unit variance, in float32.
+
+    Centring before any product avoids the cancellation that uncentred sums suffer with large offsets
+    (torch's float32 reductions sum pairwise, so the means themselves are accurate); a dead neuron (zero
+    variance) becomes all zeros, so it correlates 0 with everything instead of NaN.
+    """
+    x = x.float()
+    centred = x - x.mean(0)
+    std = centred.pow(2).mean(0).sqrt()
+    return centred / std.clamp_min(CORR_EPS)
+
+
 def cross_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Pearson correlation between every neuron of ``a`` and of ``b`` (both ``[tokens, neurons]``).
 
-    Means are taken in float64 and the data centred before the float32 matrix product, so the product
-    (the only O(n d^2) part) runs at float32 speed without the cancellation that uncentred sums would suffer.
+    The one O(n d^2) part, the product of the standardized features, runs at float32 speed.
     """
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"features cover different token counts: {a.shape[0]} vs {b.shape[0]}")
-    n = a.shape[0]
-    xa = (a.double() - a.double().mean(0)).float()
-    xb = (b.double() - b.double().mean(0)).float()
-    cov = (xa.T @ xb).double() / n
-    std_a = xa.double().pow(2).mean(0).sqrt()
-    std_b = xb.double().pow(2).mean(0).sqrt()
-    return cov / torch.outer(std_a, std_b).clamp_min(CORR_EPS)
+    return _correlate(standardize(a), standardize(b))
+
+
+def _correlate(za: torch.Tensor, zb: torch.Tensor) -> torch.Tensor:
+    return (za.T @ zb).double() / za.shape[0]
 
 
 def match_neurons(corr: torch.Tensor) -> list[int]:
@@ -123,10 +133,10 @@ def align_window(
     alignment = StackAlignment(stack=stack, start=start, size=size, anchor=anchor_idx)
     if method == "vanilla":
         return alignment
-    anchor_features = store.load(stack, "pre", anchor_idx)
+    anchor_z = standardize(store.load(stack, "pre", anchor_idx))  # once per window, not once per pair
     for j in alignment.layers:
         if j != anchor_idx:
-            alignment.perms[j] = match_neurons(cross_correlation(anchor_features, store.load(stack, "pre", j)))
+            alignment.perms[j] = match_neurons(_correlate(anchor_z, standardize(store.load(stack, "pre", j))))
     return alignment
 
 

@@ -23,13 +23,14 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig
+from transformers import AutoConfig, GenerationConfig
 
 from .adapters import get_submodule, set_submodule
 from .atomic import atomic_output_dir
 
 WEIGHTS = "ffmerge.safetensors"
 TIES = "ffmerge_ties.json"
+GENERATION_CONFIG = "generation_config.json"
 FORMAT_VERSION = 1
 
 
@@ -143,6 +144,8 @@ def load_compressed(path: str | Path, *, device: str | torch.device = "cpu", dty
     if missing:
         raise RuntimeError(f"{path / WEIGHTS} lacks {len(missing)} tensors, e.g. {missing[:3]}; it is corrupt")
     model.load_state_dict(full, strict=True)
+    if (path / GENERATION_CONFIG).is_file():  # _from_config derives a bare one; Whisper needs its own to decode
+        model.generation_config = GenerationConfig.from_pretrained(path)
     return model.to(device).eval()
 
 

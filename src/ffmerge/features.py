@@ -166,9 +166,9 @@ def cache_features(
 
     Each batch is a mapping of model inputs plus ``token_masks``: ``{stack: bool tensor [B, T]}`` marking
     the real tokens (or patches) of that stack. Positions are taken in batch order, so the sample is
-    deterministic given the batches. ``forward(model, inputs)`` overrides the call (default
-    ``model(**inputs)``). The folder is written under a temporary name and renamed when complete, so an
-    interrupted run never leaves something that looks finished.
+    deterministic given the batches. ``forward(model, inputs)`` overrides the call (default: the model's
+    trunk without its head). The folder is written under a temporary name and renamed when complete, so
+    an interrupted run never leaves something that looks finished.
     """
     if dtype not in _DTYPES:
         raise ValueError(f"feature dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -224,7 +224,7 @@ def cache_features(
                     inputs = {
                         k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items() if k != "token_masks"
                     }
-                    (forward or _default_forward)(model, inputs)
+                    (forward or _trunk_forward(adapter))(model, inputs)
                 bar.close()
                 short = {s: taken[s] for s in stacks if taken[s] < n_tokens}
                 if short:
@@ -259,5 +259,11 @@ def _first_positions(mask: torch.Tensor, limit: int) -> torch.Tensor:
     return keep.view_as(mask)
 
 
-def _default_forward(model: nn.Module, inputs: Mapping[str, Any]) -> None:
-    model(**inputs)
+def _trunk_forward(adapter: ModelAdapter):
+    """Run only the model's trunk: every hooked tensor lies inside it, and the task head (for an LM, logits
+    over the whole vocabulary at every position) would cost time and memory for nothing."""
+
+    def forward(model: nn.Module, inputs: Mapping[str, Any]) -> None:
+        adapter.base(model)(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
+
+    return forward

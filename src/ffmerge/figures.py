@@ -44,8 +44,9 @@ from .experiments import split_variant
 # metric name in the result files -> (axis label, higher is better)
 METRICS: dict[str, tuple[str, bool]] = {
     "ppl": ("perplexity", False),
-    "acc": ("accuracy", True),
+    "accuracy": ("top-1 accuracy (%)", True),
     "bleu": ("BLEU", True),
+    "wer": ("word error rate (%)", False),
 }
 ANCHORS = ("first", "middle", "last")
 SEARCH_ORDER = ("permute", "vanilla", "drop")
@@ -284,14 +285,31 @@ def window_scores_figure(
         for search in present:
             rows = at[at["variant"] == search].sort_values("start")
             color = PALETTE.get(search)
+            share = rows["share"] if "share" in rows else pd.Series(1.0, index=rows.index)
+            full, screened = rows[share >= 1.0], rows[share < 1.0]
             ax.plot(
-                rows["start"].tolist(),
-                rows["valid"].astype(float).tolist(),
+                full["start"].tolist(),
+                full["valid"].astype(float).tolist(),
                 marker=".",
                 label=search,
                 color=color,
                 gid=f"{task}:{search}",
             )
+            if not screened.empty:  # scored on the screening share only: not comparable with the line
+                ax.plot(
+                    screened["start"].tolist(),
+                    screened["valid"].astype(float).tolist(),
+                    marker="o",
+                    markerfacecolor="none",
+                    linestyle="none",
+                    color=color,
+                    label=f"_screened {search}",
+                    gid=f"{task}:{search}:screened",
+                )
+                notes.append(
+                    f"{task}: {len(screened)} {search} windows were screened out on part of the validation data "
+                    "(hollow markers; their scores are on that part only)"
+                )
             values += rows["valid"].astype(float).tolist()
             chosen = rows[rows["selected"]]
             if len(chosen) != 1:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter
-from .align import plan_merge
+from .align import MergePlan, plan_merge
 from .checkpoint import load_model, save_compressed
 from .cka import cka_matrix
 from .drop import drop_layers
@@ -28,6 +28,7 @@ from .experiments import (
     parse_fraction_label,
     random_starts,
     split_variant,
+    window_starts,
     windows_at,
 )
 from .features import FeatureStore, cache_features
@@ -66,8 +67,24 @@ def stack_layers(model: nn.Module) -> dict[str, int]:
     return {s.name: adapter.num_layers(model, s.name) for s in adapter.stacks}
 
 
+def prepare_base_model(cfg: dict, out_dir: Path) -> Path:
+    """The task's model source as a transformers folder; the task names the head class unless the source does."""
+    from .sources import prepare_model
+
+    return prepare_model({"auto_class": get_task(cfg).auto_class, **cfg["model"]}, out_dir)
+
+
 def prepare_data(cfg: dict, model_dir: Path, out_dir: Path) -> dict:
     return get_task(cfg).prepare_data(Path(model_dir), Path(out_dir))
+
+
+def fit_head(cfg: dict, backbone_dir: Path, data_dir: Path, out_dir: Path, device: str) -> dict:
+    """A linear head on the frozen backbone, as the baseline classifier (see :mod:`ffmerge.probe`)."""
+    from .probe import fit_linear_head
+
+    result = fit_linear_head(Path(backbone_dir), Path(data_dir), Path(out_dir), cfg, device=resolve_device(device))
+    log.info("linear probe: %s", result)
+    return result
 
 
 def cache(cfg: dict, model_dir: Path, data_dir: Path, out_dir: Path, device: str) -> FeatureStore:
@@ -86,18 +103,31 @@ def cache(cfg: dict, model_dir: Path, data_dir: Path, out_dir: Path, device: str
     )
 
 
-def compress(model: nn.Module, variant: str, fraction: str, start: int, features: FeatureStore | None) -> dict:
-    """Apply one variant in place; returns the windows and, for merges, the plan (to rebuild it exactly)."""
+def compress(
+    model: nn.Module,
+    variant: str,
+    fraction: str,
+    start: int,
+    features: FeatureStore | None,
+    plan: dict | None = None,
+) -> dict:
+    """Apply one variant in place; returns the windows and, for merges, the plan (to rebuild it exactly).
+
+    A ``plan`` from an earlier call rebuilds the same merge without aligning the layers again.
+    """
     method, anchor = split_variant(variant)
     windows = windows_at(method, stack_layers(model), fraction, start)
     if method == "drop":
         drop_layers(model, windows)
         return {"windows": windows, "plan": None}
-    if features is None:
+    if plan is not None:
+        merge_plan = MergePlan.from_dict(plan)
+    elif features is None:
         raise ValueError(f"variant {variant} needs cached features")
-    plan = plan_merge(features, windows, anchor=anchor, method=method)
-    apply_plan(model, plan)
-    return {"windows": windows, "plan": plan.to_dict()}
+    else:
+        merge_plan = plan_merge(features, windows, anchor=anchor, method=method)
+    apply_plan(model, merge_plan)
+    return {"windows": windows, "plan": merge_plan.to_dict()}
 
 
 def candidate(
@@ -133,18 +163,96 @@ def candidate(
 
 
 def select(candidate_jsons: Iterable[Path], cfg: dict, out_json: Path) -> dict:
-    """Keep the best-scoring window; ties go to the earliest start so the choice is deterministic."""
+    """The best of the per-window candidate jobs (``search.mode: per_window``)."""
+    rows = [read_json(p) for p in candidate_jsons]
+    return _write_selection(rows, get_task(cfg), out_json)
+
+
+def search(
+    cfg: dict,
+    model_dir: Path,
+    data_dir: Path,
+    features_dir: Path | None,
+    variant: str,
+    fraction_label: str,
+    out_json: Path,
+    device: str,
+) -> dict:
+    """Every window start in one job (``search.mode: in_process``), reusing the base model's hidden
+    states and, if configured, finishing only the candidates that lead on a first share of the data."""
+    from .search import search_windows
+
     task = get_task(cfg)
-    rows = sorted((read_json(p) for p in candidate_jsons), key=lambda r: r["start"])
-    if not rows:
-        raise ValueError("no candidate windows to select from")
+    dev = resolve_device(device)
+    base = load_model(model_dir, auto_class=task.auto_class, device=dev)
+    fraction = parse_fraction_label(fraction_label)
+    method, _ = split_variant(variant)
+    starts = window_starts(method, stack_layers(base), fraction)
+    features = FeatureStore.open(features_dir) if features_dir else None
+    scorer = task.scorer(Path(data_dir), "valid", "selection", dev)
+    sel = cfg["search"]
+    reuse = sel["reuse_states"] and scorer is not None
+    if scorer is None:  # a metric that cannot be split (corpus BLEU, WER): one full pass per candidate
+        scorer = _WholeScorer(task, Path(data_dir), dev)
+    results = search_windows(
+        base,
+        scorer,
+        lambda model, start, plan: compress(model, variant, fraction, start, features, plan),
+        starts,
+        higher_is_better=task.higher_is_better,
+        reuse=reuse,
+        screen_share=sel["screen_share"],
+        screen_keep=sel["screen_keep"],
+        max_tapes=sel["max_tapes"],
+        log=log.info,
+    )
+    rows = [
+        {
+            "variant": variant,
+            "fraction": fraction,
+            "start": r.start,
+            "windows": r.info["windows"],
+            "metric": task.metric,
+            "valid": r.metric(scorer),
+            "share": r.batches / scorer.n_batches,
+        }
+        for r in results
+    ]
+    return _write_selection(rows, task, out_json)
+
+
+class _WholeScorer:
+    """Adapter for tasks without a batch-addressable scorer: one 'batch', the whole split."""
+
+    n_batches = 1
+
+    def __init__(self, task: Any, data_dir: Path, device: torch.device):
+        self.task, self.data_dir, self.device = task, data_dir, device
+
+    def run(self, model: nn.Module, batches: range | None = None) -> dict[str, float]:
+        return {"metric": self.task.score(model, self.data_dir, "valid", "selection", self.device)}
+
+    @staticmethod
+    def metric(sums: dict[str, float]) -> float:
+        return sums["metric"]
+
+
+def _write_selection(rows: list[dict], task: Any, out_json: Path) -> dict:
+    """Keep the best fully scored window; ties go to the earliest start so the choice is deterministic.
+
+    Windows scored only on a screening share (``share`` < 1) are reported but never chosen.
+    """
+    rows = sorted(rows, key=lambda r: r["start"])
+    full = [r for r in rows if r.get("share", 1.0) >= 1.0]
+    if not full:
+        raise ValueError("no candidate windows to select from" if not rows else "no candidate was scored in full")
     sign = -1 if task.higher_is_better else 1
 
     def rank(row: dict) -> tuple:  # a diverged (NaN or infinite) candidate never wins over a finite one
         finite = math.isfinite(row["valid"])
         return (not finite, sign * row["valid"] if finite else 0.0, row["start"])
 
-    best = min(rows, key=rank)
+    best = min(full, key=rank)
     result = {
         "variant": best["variant"],
         "fraction": best["fraction"],
@@ -153,6 +261,7 @@ def select(candidate_jsons: Iterable[Path], cfg: dict, out_json: Path) -> dict:
         "metric": task.metric,
         "best_valid": best["valid"],
         "scores": {str(r["start"]): r["valid"] for r in rows},
+        "screened": {str(r["start"]): r["share"] for r in rows if r.get("share", 1.0) < 1.0},
     }
     write_json(out_json, result)
     return result

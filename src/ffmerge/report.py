@@ -110,6 +110,8 @@ def window_scores(selections: list[dict]) -> pd.DataFrame:
             "metric": s["metric"],
             "valid": score,
             "selected": int(start) == s["best_start"],
+            # share of the validation data scored: < 1 for windows dropped by the search's screening
+            "share": s.get("screened", {}).get(start, 1.0),
         }
         for s in selections
         for start, score in s["scores"].items()
@@ -135,3 +137,22 @@ def tables(inputs: Any, outputs: Any) -> None:
     else:
         frame = pd.DataFrame(columns=["variant", "fraction", "int8", "metric", "test", "ratio"])
     write_table(frame, outputs.int8_csv, outputs.int8_md)
+
+
+def stage_times(bench_dir: str | Path) -> pd.DataFrame:
+    """Per task and rule: job count, summed wall and CPU seconds and the largest peak RSS, from Snakemake's
+    ``benchmark:`` files (``{results}/benchmarks/{task}/{rule}/...tsv``). Jobs overlap when run in parallel,
+    so the sums say where the compute goes, not how long the run took."""
+    rows = []
+    for path in sorted(Path(bench_dir).rglob("*.tsv")):
+        parts = path.relative_to(bench_dir).parts
+        task, rule = parts[0], (parts[1] if len(parts) > 2 else path.stem)
+        last = pd.read_csv(path, sep="\t").iloc[-1]
+        rows.append(
+            {"task": task, "rule": rule, "wall_s": last["s"], "cpu_s": last["cpu_time"], "rss_mb": last["max_rss"]}
+        )
+    frame = pd.DataFrame.from_records(rows, columns=["task", "rule", "wall_s", "cpu_s", "rss_mb"])
+    grouped = frame.groupby(["task", "rule"], sort=False)
+    return grouped.agg(
+        jobs=("wall_s", "size"), wall_s=("wall_s", "sum"), cpu_s=("cpu_s", "sum"), max_rss_mb=("rss_mb", "max")
+    ).reset_index()

@@ -202,12 +202,20 @@ def _load_package(source: dict, auto_class: type) -> tuple[Any, Any, dict]:
     """A model file shipped inside a pip package: a GGUF file or a transformers folder."""
     package, file = source["package"], source["file"]
     path = locate_package_file(package, file)
+    provenance = {"origin": "package", "distribution_version": _distribution_version(package)}
+    if "format" in source:  # an inference format (ONNX, CTranslate2): converted by ffmerge.convert
+        from .convert import get_converter
+
+        try:
+            model, preprocessor, converted = get_converter(source["format"])(path)
+        except ValueError as exc:
+            raise SourceError(f"cannot convert {path} as {source['format']}: {exc}") from exc
+        return model, preprocessor, {**provenance, **converted}
     if not path.is_dir() and path.suffix != ".gguf":
         raise SourceError(
-            f"{path} is neither a GGUF file nor a transformers folder; other formats (ONNX, "
-            "CTranslate2) need a dedicated adapter in ffmerge.adapters"
+            f"{path} is neither a GGUF file nor a transformers folder; for ONNX or CTranslate2 files set the "
+            "source's format (see ffmerge.convert.CONVERTERS)"
         )
-    provenance = {"origin": "package", "distribution_version": _distribution_version(package)}
     if path.is_dir():
         model, preprocessor, _ = _load_local({"path": str(path)}, auto_class)
         return model, preprocessor, provenance
@@ -245,7 +253,7 @@ def _gguf_provenance(path: Path) -> dict:
         "format": "gguf",
         "gguf_file_type": file_type,
         "gguf_tensor_types": dict(sorted(tensor_types.items())),
-        "sha256": _sha256(path),
+        "sha256": sha256_file(path),
         "dequantized": True,
         "note": (
             f"weights were stored quantized ({file_type}) and dequantized to float32: the "
@@ -254,7 +262,8 @@ def _gguf_provenance(path: Path) -> dict:
     }
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex digest of a file, read in 1 MiB blocks (model files are hundreds of MB)."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

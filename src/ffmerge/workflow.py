@@ -21,16 +21,38 @@ def preflight(config: dict[str, Any]) -> None:
     for name, task in config["tasks"].items():
         for key in ("model", "data"):
             source = task[key]
-            if source["kind"] in ("package", "wiki_offline"):
-                try:
+            try:
+                if source["kind"] in ("package", "wiki_offline", "espeak_wiki"):
                     sources.locate_package_dir(source["package"])
-                except sources.SourceError as err:
-                    raise ConfigError(f"tasks.{name}.{key}.package: {err}") from None
+            except sources.SourceError as err:
+                raise ConfigError(f"tasks.{name}.{key}.package: {err}") from None
+            try:
+                _check_system_assets(source)
+            except sources.SourceError as err:
+                raise ConfigError(f"tasks.{name}.{key}: {err}") from None
             if key == "model" and source["kind"] == "local":
                 path = Path(source["path"])
                 if not (path / "config.json").is_file():
                     raise ConfigError(f"tasks.{name}.model.path: {path} has no config.json (not a transformers folder)")
                 get_adapter(AutoConfig.from_pretrained(path))
+
+
+def _check_system_assets(source: dict[str, Any]) -> None:
+    """Data that comes from Debian packages rather than pip: say which package before any job runs."""
+    if source["kind"] == "espeak_wiki":
+        from .data.speech import _espeak_binary
+
+        _espeak_binary()
+    if source["kind"] == "fashion_mnist":
+        from .data.images import FASHION_MNIST_DIR, FASHION_MNIST_FILES
+
+        folder = Path(source.get("path", FASHION_MNIST_DIR))
+        missing = [f for pair in FASHION_MNIST_FILES.values() for f in pair if not (folder / f).is_file()]
+        if missing:
+            raise sources.SourceError(
+                f"Fashion-MNIST files {missing} not found in {folder}: apt-get install dataset-fashion-mnist "
+                "(or set data.path to a folder holding the idx .gz files)"
+            )
 
 
 def layer_counts(model_dir: str | Path) -> dict[str, int]:

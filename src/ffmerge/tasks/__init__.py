@@ -6,8 +6,12 @@ from typing import Any
 
 from .base import Task
 from .causal_lm import CausalLMTask
+from .image_classification import ImageClassificationTask
+from .seq2seq import SpeechRecognitionTask, TranslationTask
 
-TASKS: dict[str, type[Task]] = {cls.type: cls for cls in (CausalLMTask,)}
+TASKS: dict[str, type[Task]] = {
+    cls.type: cls for cls in (CausalLMTask, ImageClassificationTask, TranslationTask, SpeechRecognitionTask)
+}
 
 
 def get_task(cfg: dict[str, Any]) -> Task:

@@ -8,10 +8,28 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
+
+
+class Scorer(Protocol):
+    """A metric computed batch by batch in a fixed order, from sums that add up across batches.
+
+    The window search relies on both properties: cached hidden states are replayed batch by batch,
+    and a candidate can be scored on a first share of the batches and finished later.
+    """
+
+    n_batches: int
+
+    def run(self, model: nn.Module, batches: range | None = None) -> dict[str, float]: ...
+
+    def metric(self, sums: dict[str, float]) -> float: ...
+
+
+def add_sums(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {key: a.get(key, 0) + b.get(key, 0) for key in a.keys() | b.keys()}
 
 
 class Task:
@@ -32,9 +50,19 @@ class Task:
         """Batches of model inputs plus ``token_masks`` ``{stack: bool [B, T]}`` of the real positions."""
         raise NotImplementedError
 
+    def scorer(self, data_dir: Path, split: str, setting: str, device: torch.device) -> Scorer | None:
+        """A batch-addressable scorer, or None when the metric cannot be split (e.g. corpus BLEU).
+
+        ``setting`` names a config block ("selection" or "evaluation").
+        """
+        return None
+
     def score(self, model: nn.Module, data_dir: Path, split: str, setting: str, device: torch.device) -> float:
-        """The task metric on ``split``; ``setting`` names a config block ("selection" or "evaluation")."""
-        raise NotImplementedError
+        """The task metric on ``split``."""
+        scorer = self.scorer(data_dir, split, setting, device)
+        if scorer is None:
+            raise NotImplementedError(f"{type(self).__name__} must implement score() or scorer()")
+        return scorer.metric(scorer.run(model))
 
     def training(self, data_dir: Path, device: torch.device) -> tuple[Callable, Callable[[int], Any]]:
         """``(loss_fn(model, batch), get_batch(step))`` for recovery fine-tuning."""

@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import AutoTokenizer
 
 from ..data.text import load_split, prepare_text_splits
 from ..finetune import causal_lm_loss, lm_batches
-from ..metrics.perplexity import sliding_window_perplexity
+from ..metrics.perplexity import PerplexityScorer
 from .base import Task
 
 
@@ -42,19 +41,16 @@ class CausalLMTask(Task):
                 mask[r, : len(row)] = 1
             yield {"input_ids": input_ids, "attention_mask": mask, "token_masks": {"decoder": mask.bool()}}
 
-    def score(self, model: nn.Module, data_dir: Path, split: str, setting: str, device: torch.device) -> float:
+    def scorer(self, data_dir: Path, split: str, setting: str, device: torch.device) -> PerplexityScorer:
         settings = self.cfg[setting]
-        ids = load_split(data_dir, split)
-        result = sliding_window_perplexity(
-            model,
-            ids,
+        return PerplexityScorer(
+            load_split(data_dir, split),
             window=settings["window"],
             stride=settings["stride"],
             batch_size=settings["batch_size"],
             device=device,
             progress=True,  # goes to the job's log
         )
-        return result.ppl
 
     def training(self, data_dir: Path, device: torch.device) -> tuple[Callable, Callable[[int], Any]]:
         ft = self.cfg["finetune"]

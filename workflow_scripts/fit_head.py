@@ -1,0 +1,9 @@
+"""Snakemake script: the baseline classifier of a bare backbone, a linear head fitted on frozen features."""
+
+from ffmerge import pipeline
+from ffmerge.jobs import snakemake_job
+
+with snakemake_job(snakemake):
+    pipeline.fit_head(
+        snakemake.params.cfg, snakemake.input.model, snakemake.input.data, snakemake.output[0], snakemake.params.device
+    )
