@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -349,6 +350,9 @@ def run_finetune(cfg: dict, model_dir: Path, data_dir: Path, work_dir: Path, out
         }
     }
     save_compressed(model.cpu(), out_dir, extra=_source_extra(model_dir) | extra)
+    if not ft["keep_state"]:
+        # the finished model is saved; the resume state (weights plus AdamW moments) is only dead weight now
+        shutil.rmtree(work_dir, ignore_errors=True)
     return extra
 
 
