@@ -24,6 +24,7 @@ from ffmerge.finetune import (
     LAST_CHECKPOINT,
     CheckpointError,
     FinetuneConfig,
+    FinetuneResult,
     causal_lm_loss,
     finetune,
     lm_batches,
@@ -334,3 +335,45 @@ def test_resume_with_other_hyperparameters_is_refused_but_a_longer_budget_is_fin
     )
     assert result.resumed_from == 2 and result.steps_done == 4
     assert any("resumed from step 2" in line for line in lines)
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["default", "keep_state"])
+def test_run_finetune_deletes_the_resume_state_once_the_model_is_saved_unless_kept(tmp_path, monkeypatch, keep):
+    """The work folder (last.pt with AdamW moments: 1.6 GB for SmolLM2) goes once the finished model is saved."""
+    import yaml
+    from snakemake.utils import validate
+
+    from ffmerge import pipeline
+
+    repo = Path(__file__).resolve().parents[1]
+    config = yaml.safe_load((repo / "config.yaml").read_text())
+    config["tasks"]["lm"]["finetune"]["keep_state"] = keep
+    validate(config, str(repo / "schemas" / "config.schema.yaml"))  # fills the defaults, as the Snakefile does
+    cfg = config["tasks"]["lm"]
+    work, out = tmp_path / "work", tmp_path / "finetuned"
+    events: list[str] = []
+
+    class Task:
+        auto_class = "AutoModelForCausalLM"
+        higher_is_better = False
+
+        def training(self, data_dir, device):
+            return causal_lm_loss, lambda step: {}
+
+    def fake_finetune(model, *, work_dir, config, **kwargs):
+        assert config.max_steps == cfg["finetune"]["max_steps"]
+        Path(work_dir).mkdir(parents=True)
+        (Path(work_dir) / LAST_CHECKPOINT).write_bytes(b"resume state")
+        return FinetuneResult(best_metric=1.0, best_step=0, steps_done=10, resumed_from=None, history=[])
+
+    def fake_save(model, out_dir, extra=None):
+        assert (work / LAST_CHECKPOINT).is_file(), "the resume state went before the model was saved"
+        events.append("saved")
+
+    monkeypatch.setattr(pipeline, "get_task", lambda cfg: Task())
+    monkeypatch.setattr(pipeline, "load_model", lambda *args, **kwargs: torch.nn.Linear(2, 2))
+    monkeypatch.setattr(pipeline, "finetune", fake_finetune)
+    monkeypatch.setattr(pipeline, "save_compressed", fake_save)
+    pipeline.run_finetune(cfg, tmp_path / "model", tmp_path / "data", work, out, "cpu")
+    assert events == ["saved"]
+    assert (work / LAST_CHECKPOINT).is_file() is keep
