@@ -38,11 +38,11 @@ from safetensors.torch import save_file
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ffmerge.atomic import atomic_output_dir
+from ffmerge.data.text import SPLIT_ORDER, check_split_counts
 from ffmerge.sources import SourceError, looks_offline, sha256_file, write_json
 
 SPLITS_RECORD = "splits.json"
 VALID_KINDS = ("fashion_mnist", "hub", "imagefolder")
-SPLIT_ORDER = ("test", "valid", "calib", "train")
 SHARD_SIZE = 2048
 IMAGE_KEY, LABEL_KEY = "pixel_values", "labels"
 DEFAULT_POOLS = {"test": "validation", "calib": "validation", "valid": "train", "train": "train"}
@@ -284,12 +284,7 @@ def prepare_image_splits(
 
 
 def _check_counts(splits: dict[str, int], image_size: int) -> None:
-    unknown = set(splits) - set(SPLIT_ORDER)
-    if unknown:
-        raise ValueError(f"Unknown split names {sorted(unknown)}; valid: {', '.join(SPLIT_ORDER)}")
-    bad = {k: v for k, v in splits.items() if not isinstance(v, int) or v <= 0}
-    if bad:
-        raise ValueError(f"Split sizes must be positive numbers of images, got {bad}")
+    check_split_counts(splits, "image")
     if not isinstance(image_size, int) or image_size <= 0:
         raise ValueError(f"image_size must be a positive number of pixels, got {image_size!r}")
 

@@ -85,7 +85,7 @@ def prepare_text_splits(
     whole, in :data:`SPLIT_ORDER`, to the splits sharing a pool; the last document of a split is
     cut to meet the budget exactly and its remainder is dropped rather than given to another split.
     """
-    _check_budgets(budgets)
+    check_split_counts(budgets, "token")
     eos_id = _eos_id(tokenizer)
     pools = {name: _shuffled(docs, seed) for name, docs in load_documents(source).items()}
     cursors = dict.fromkeys(pools, 0)
@@ -222,15 +222,6 @@ def _eos_id(tokenizer: Any) -> int:
     if tokenizer.eos_token_id is None:
         raise SourceError(f"Tokenizer {tokenizer.name_or_path!r} has no EOS token to separate documents")
     return tokenizer.eos_token_id
-
-
-def _check_budgets(budgets: dict[str, int]) -> None:
-    unknown = set(budgets) - set(SPLIT_ORDER)
-    if unknown:
-        raise ValueError(f"Unknown split names {sorted(unknown)}; valid: {', '.join(SPLIT_ORDER)}")
-    bad = {k: v for k, v in budgets.items() if not isinstance(v, int) or v <= 0}
-    if bad:
-        raise ValueError(f"Token budgets must be positive integers, got {bad}")
 
 
 def _tokenizer_record(tokenizer: Any) -> dict:
