@@ -33,7 +33,7 @@ from ffmerge.data.speech import (
 from ffmerge.data.translation import load_translation_split
 from ffmerge.features import cache_features
 from ffmerge.metrics.generation import bleu, normalize_english, wer
-from ffmerge.sources import SourceError
+from ffmerge.sources import SourceError, prepare_model
 from ffmerge.tasks import seq2seq
 from ffmerge.tasks.seq2seq import IGNORE_INDEX, SpeechRecognitionTask, TranslationTask
 
@@ -265,14 +265,14 @@ def marian_folder(path: Path) -> Path:
     return path
 
 
-def whisper_folder(path: Path) -> Path:
+def whisper_folder(path: Path, seconds: int = WINDOW_SECONDS) -> Path:
     """A random English-only Whisper with a byte-level Whisper tokenizer and a shrunk feature extractor."""
     vocab = _byte_level(WHISPER_SPECIALS + [NO_TIMESTAMPS])
     tokenizer = T.WhisperTokenizer(vocab=vocab, merges=[], pad_token="<|endoftext|>")
     tokenizer.add_special_tokens({"additional_special_tokens": WHISPER_SPECIALS[1:] + [NO_TIMESTAMPS]})
     tokenizer.set_prefix_tokens(predict_timestamps=False)
     extractor = T.WhisperFeatureExtractor(
-        feature_size=8, sampling_rate=SAMPLE_RATE, hop_length=HOP, chunk_length=WINDOW_SECONDS, n_fft=1000
+        feature_size=8, sampling_rate=SAMPLE_RATE, hop_length=HOP, chunk_length=seconds, n_fft=1000
     )
     torch.manual_seed(0)
     eot, sot = vocab["<|endoftext|>"], vocab["<|startoftranscript|>"]
@@ -281,7 +281,7 @@ def whisper_folder(path: Path) -> Path:
         **TINY,
         **HEADS,
         num_mel_bins=8,
-        max_source_positions=POSITIONS,
+        max_source_positions=POSITIONS * seconds,
         max_target_positions=64,
         pad_token_id=eot,
         bos_token_id=eot,
@@ -334,6 +334,47 @@ def recognition(tmp_path, local_corpus) -> tuple[SpeechRecognitionTask, Path, Pa
     task = SpeechRecognitionTask(cfg)
     task.prepare_data(model_dir, tmp_path / "asr_data")
     return task, model_dir, tmp_path / "asr_data"
+
+
+def test_audio_window_cuts_the_position_table_and_the_padding_together(tmp_path):
+    full_dir = whisper_folder(tmp_path / "whisper", seconds=2)
+    source = {"kind": "local", "path": str(full_dir), "auto_class": "AutoModelForSpeechSeq2Seq"}
+    cut_dir = prepare_model({**source, "audio_window_s": 1}, tmp_path / "cut")
+    full = T.WhisperForConditionalGeneration.from_pretrained(full_dir).eval()
+    cut = T.WhisperForConditionalGeneration.from_pretrained(cut_dir).eval()
+    extractor = T.WhisperProcessor.from_pretrained(cut_dir).feature_extractor
+
+    assert (full.config.max_source_positions, cut.config.max_source_positions) == (2 * POSITIONS, POSITIONS)
+    assert extractor.chunk_length == 1 and extractor.n_samples == SAMPLE_RATE
+    full_state, cut_state = full.state_dict(), cut.state_dict()
+    table = "model.encoder.embed_positions.weight"
+    torch.testing.assert_close(cut_state[table], full_state[table][:POSITIONS], rtol=0, atol=0)
+    assert all(torch.equal(cut_state[k], v) for k, v in full_state.items() if k != table)
+    # the extractor pads a short clip to the cut window, which is what the cut encoder accepts
+    clip = np.random.default_rng(0).standard_normal(SAMPLE_RATE // 2).astype(np.float32)
+    features = extractor([clip], sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+    assert features.shape[-1] == 2 * POSITIONS
+    with torch.no_grad():
+        assert cut.model.encoder(features).last_hidden_state.shape[1] == POSITIONS
+        with pytest.raises(ValueError, match="expects the mel input features"):
+            full.model.encoder(features)
+
+
+def test_audio_window_refuses_other_models_and_windows_longer_than_the_models(tmp_path):
+    marian = marian_folder(tmp_path / "marian")
+    with pytest.raises(SourceError, match="Whisper models only"):
+        prepare_model({"kind": "local", "path": str(marian), "audio_window_s": 1}, tmp_path / "m")
+    whisper = whisper_folder(tmp_path / "whisper")
+    source = {"kind": "local", "path": str(whisper), "auto_class": "AutoModelForSpeechSeq2Seq", "audio_window_s": 2}
+    with pytest.raises(SourceError, match="longer than the model's own window of 1 s"):
+        prepare_model(source, tmp_path / "w")
+
+
+def test_clips_longer_than_the_models_audio_window_stop_data_preparation(tmp_path, local_corpus):
+    cfg = _cfg("speech_recognition", local_corpus, {"calib": 4, "valid": 2, "test": 2, "train": 4}, tokens=10)
+    task = SpeechRecognitionTask({**cfg, "speech": {"max_seconds": 2}})
+    with pytest.raises(ValueError, match="speech.max_seconds is 2 but the model hears only 1 s"):
+        task.prepare_data(whisper_folder(tmp_path / "whisper"), tmp_path / "asr_data")
 
 
 def _load(task, model_dir: Path) -> torch.nn.Module:

@@ -137,12 +137,43 @@ def prepare_model(source: dict, out_dir: str | Path) -> Path:
     if _already_prepared(out, source):
         return out
     model, preprocessor, provenance = loaders[kind](source, _auto_class(source))
+    if "audio_window_s" in source:
+        shorten_audio_window(model, preprocessor, source["audio_window_s"])
     with atomic_output_dir(out, SOURCE_RECORD) as tmp:
         model.save_pretrained(tmp)
         if preprocessor is not None:
             preprocessor.save_pretrained(tmp)
         write_json(tmp / SOURCE_RECORD, _record(source, model, provenance))
     return out
+
+
+def shorten_audio_window(model: Any, processor: Any, seconds: int) -> None:
+    """Make a Whisper model and its processor work on ``seconds`` of audio instead of 30, in place.
+
+    The encoder's cost grows with its positions (1,500 for 30 s: 50 per second after the strided convolution)
+    and attention quadratically, while short clips are mostly padding. Keeping the first ``seconds * 50`` rows
+    of the (fixed, sinusoidal) position table leaves every kept position's encoding unchanged, and the feature
+    extractor pads to the same length; transformers checks that the two agree on every forward pass.
+    """
+    config = model.config
+    encoder = getattr(getattr(model, "model", None), "encoder", None)
+    extractor = getattr(processor, "feature_extractor", None)
+    if getattr(config, "model_type", None) != "whisper" or encoder is None or extractor is None:
+        raise SourceError(
+            f"audio_window_s applies to Whisper models only; this source is a {getattr(config, 'model_type', '?')} "
+            "model. Remove audio_window_s from the model block."
+        )
+    per_second = config.max_source_positions // extractor.chunk_length
+    positions = seconds * per_second
+    if positions > config.max_source_positions:
+        raise SourceError(
+            f"audio_window_s {seconds} is longer than the model's own window of {extractor.chunk_length} s"
+        )
+    table = encoder.embed_positions.weight.data[:positions].clone()
+    encoder.embed_positions = torch.nn.Embedding(positions, table.shape[1], _weight=table)
+    encoder.embed_positions.requires_grad_(False)
+    config.max_source_positions = positions
+    processor.feature_extractor = type(extractor)(**{**extractor.to_dict(), "chunk_length": seconds})
 
 
 def read_source_record(model_dir: str | Path) -> dict:
