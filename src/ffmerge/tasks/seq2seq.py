@@ -31,7 +31,7 @@ from transformers.models.marian.modeling_marian import shift_tokens_right as mar
 from transformers.models.whisper.modeling_whisper import shift_tokens_right as whisper_shift_tokens_right
 
 from ..atomic import atomic_output_dir
-from ..data.speech import SPEECH_DEFAULTS, load_speech_split, prepare_speech_splits
+from ..data.speech import load_speech_split, prepare_speech_splits
 from ..data.translation import load_translation_split, prepare_translation_splits
 from ..metrics.generation import bleu, wer
 from ..sources import write_json
@@ -289,13 +289,6 @@ class SpeechRecognitionTask(Seq2SeqTask):
     def _configure_preprocessor(self, preprocessor: Any, model_dir: Path) -> dict[str, Any]:
         """Make the labels' prefix equal the prompt generation uses: no timestamps, and for a multilingual
         checkpoint English transcription (an English-only ``.en`` model takes no language or task token)."""
-        window = preprocessor.feature_extractor.chunk_length
-        max_seconds = {**SPEECH_DEFAULTS, **self.cfg.get("speech", {})}["max_seconds"]
-        if max_seconds > window:
-            raise ValueError(
-                f"speech.max_seconds is {max_seconds:g} but the model hears only {window} s of audio (its "
-                "audio_window_s): longer clips would be cut. Set speech.max_seconds to at most the window."
-            )
         multilingual = _is_multilingual(model_dir)
         language, task = (WHISPER_LANGUAGE, WHISPER_TASK) if multilingual else (None, None)
         preprocessor.tokenizer.language, preprocessor.tokenizer.task = language, task
