@@ -15,7 +15,6 @@ wildcard_constraints:
     fraction="[0-9]+of[0-9]+|all-but-one",
     choice="best|random[0-9]+",
     start="[0-9]+",
-    stage="pre|post",
     kind="ff_out|attn_out",
     prepared="base|backbone",
 

@@ -1,12 +1,19 @@
+# The chosen window as a tied checkpoint. The job also measures the model it has just built on the test split
+# (the "before fine-tuning" column): a separate evaluation job would pay a second Python start and model load.
+
+
 rule compress:
     input:
         unpack(features_if_merge),
         model=f"{R}/model/base",
+        data=f"{R}/data",
         selection=lambda wc: f"{R}/selection/{search_of(wc.variant)}/{{fraction}}.json".format(**wc),
     output:
-        directory(f"{R}/models/{{variant}}/{{fraction}}/{{choice}}/compressed"),
+        model=directory(f"{R}/models/{{variant}}/{{fraction}}/{{choice}}/compressed"),
+        eval=f"{R}/eval/{{variant}}/{{fraction}}/{{choice}}/pre.json",
     params:
-        cfg=task_cfg(),
+        cfg=task_cfg("evaluation"),
+        device=DEVICE,
     log:
         f"{LOGS}/compress/{{variant}}/{{fraction}}/{{choice}}.log",
     benchmark:

@@ -1,5 +1,6 @@
-# Recovery fine-tuning. Checkpoints live in work/ (not a Snakemake output, so a failed or killed job keeps
-# them) and a rerun resumes from the last one.
+# Recovery fine-tuning, then the fine-tuned model's test metric (the "after fine-tuning" column) in the same job.
+# Checkpoints live in work/ (not a Snakemake output, so a failed or killed job keeps them) and a rerun resumes
+# from the last one.
 
 
 rule finetune:
@@ -7,9 +8,10 @@ rule finetune:
         model=f"{R}/models/{{variant}}/{{fraction}}/{{choice}}/compressed",
         data=f"{R}/data",
     output:
-        directory(f"{R}/models/{{variant}}/{{fraction}}/{{choice}}/finetuned"),
+        model=directory(f"{R}/models/{{variant}}/{{fraction}}/{{choice}}/finetuned"),
+        eval=f"{R}/eval/{{variant}}/{{fraction}}/{{choice}}/post.json",
     params:
-        cfg=task_cfg("finetune", "selection"),
+        cfg=task_cfg("finetune", "selection", "evaluation"),
         device=DEVICE,
         work=f"{R}/work/finetune/{{variant}}/{{fraction}}/{{choice}}",
     log:
@@ -29,9 +31,10 @@ use rule finetune as finetune_base with:
         model=f"{R}/model/base",
         data=f"{R}/data",
     output:
-        directory(f"{R}/models/base/finetuned"),
+        model=directory(f"{R}/models/base/finetuned"),
+        eval=f"{R}/eval/base/post.json",
     params:
-        cfg=task_cfg("finetune", "selection"),
+        cfg=task_cfg("finetune", "selection", "evaluation"),
         device=DEVICE,
         work=f"{R}/work/finetune/base",
     log:

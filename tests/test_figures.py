@@ -150,6 +150,9 @@ class FakeModel:
     def cpu(self) -> FakeModel:
         return self
 
+    def to(self, device) -> FakeModel:
+        return self
+
 
 class FakeTask:
     metric = "ppl"
@@ -266,15 +269,19 @@ def build_task(root: Path, task: str, cfg: dict) -> None:
     for variant, label, choice in models:
         m = r / "models" / variant / label / choice
         selection = r / "selection" / split_variant(variant)[0] / f"{label}.json"
-        pipeline.build_compressed(cfg, base, None, selection, variant, choice, m / "compressed")
-        pipeline.evaluate(cfg, m / "compressed", data, r / "eval" / variant / label / choice / "pre.json", "cpu")
-        pipeline.run_finetune(
-            cfg, m / "compressed", data, r / "work" / variant / label / choice, m / "finetuned", "cpu"
+        evals = r / "eval" / variant / label / choice
+        pipeline.build_compressed(
+            cfg, base, None, selection, variant, choice, m / "compressed", data_dir=data, eval_json=evals / "pre.json"
         )
-        pipeline.evaluate(cfg, m / "finetuned", data, r / "eval" / variant / label / choice / "post.json", "cpu")
+        pipeline.run_finetune(
+            cfg, m / "compressed", data, r / "work" / variant / label / choice, m / "finetuned", "cpu",
+            eval_json=evals / "post.json",
+        )
     pipeline.evaluate(cfg, base, data, r / "eval" / "base" / "pre.json", "cpu")
-    pipeline.run_finetune(cfg, base, data, r / "work" / "base", r / "models" / "base" / "finetuned", "cpu")
-    pipeline.evaluate(cfg, r / "models" / "base" / "finetuned", data, r / "eval" / "base" / "post.json", "cpu")
+    pipeline.run_finetune(
+        cfg, base, data, r / "work" / "base", r / "models" / "base" / "finetuned", "cpu",
+        eval_json=r / "eval" / "base" / "post.json",
+    )
     # rules/tables.smk: table_inputs
     head = fraction_label(exp["fractions"][0])
     int8 = []

@@ -11,7 +11,7 @@ import os
 import signal
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -290,6 +290,25 @@ def test_patience_stops_early(tmp_path: Path) -> None:
     assert (result.steps_done, result.best_step) == (3, 1)
     assert requested == [0, 1, 2, 3, 4, 5], "update u reads micro-batches (u-1)*grad_accum + k"
     assert torch.load(tmp_path / LAST_CHECKPOINT, weights_only=True)["step"] == 3
+
+
+def test_without_a_final_state_only_the_checkpoints_before_the_end_are_written(tmp_path: Path) -> None:
+    """save_final_state=False (the workflow's default: the state is deleted right after the model is saved)
+    skips the resume state at the last step; the checkpoints before it stay, and the weights are the same."""
+    models, lasts = {}, {}
+    for final in (True, False):
+        models[final] = tiny_tied_llama()
+        finetune(
+            models[final],
+            loss_fn=causal_lm_loss,
+            get_batch=train_batches(),
+            evaluate=validation_loss,
+            config=replace(RESUME_CONFIG, max_steps=10, save_final_state=final),
+            work_dir=tmp_path / str(final),
+        )
+        lasts[final] = torch.load(tmp_path / str(final) / LAST_CHECKPOINT, weights_only=True)["step"]
+    assert lasts == {True: 10, False: 8}  # checkpoint_every=4: steps 4 and 8, then the end (10) only if asked
+    _assert_same_tensors(_snapshot(models[False]), _snapshot(models[True]))
 
 
 def test_zero_steps_only_evaluates(tmp_path: Path) -> None:

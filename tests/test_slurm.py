@@ -40,14 +40,14 @@ GPU_RULES = {
     "cache_features",
     "fit_head",
     "candidate",
+    "compress",
     "finetune",
     "finetune_base",
     "evaluate",
-    "evaluate_base",
     "quantize_int8",
     "quantize_int8_base",
 }
-CPU_RULES = {"prepare_model", "prepare_data", "select_window", "compress", "cka", "tables"}
+CPU_RULES = {"prepare_model", "prepare_data", "select_window", "cka", "tables"}
 # what snakemake-executor-plugin-slurm 2.8 (and its job step 0.6) turn into sbatch / srun options
 PLUGIN_RESOURCES = {
     "gpu",
@@ -463,7 +463,6 @@ def test_reduced_pipeline_under_slurm_matches_a_local_run(slurm_cluster, tmp_pat
         "compress",
         "finetune",
         "evaluate",
-        "evaluate_base",
         "cka",
         "tables",
     } <= rules

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import importlib.util
 from pathlib import Path
 from types import SimpleNamespace
@@ -453,9 +454,9 @@ def test_probe_fits_a_separable_problem_on_a_random_backbone(tmp_path):
     assert read_image_record(tmp_path / "data")["splits"]["train"]["n_images"] == result["n_train"] == 60
 
 
-def test_in_process_window_search_gives_the_per_window_accuracies(fake_fashion, tmp_path):
-    """The search replays cached hidden states batch by batch through AccuracyScorer: same scores as one
-    full pass per candidate, on a classifier whose accuracy depends on the window (a probe on 6 layers)."""
+def _probed_classifier(fake_fashion: Path, tmp_path: Path) -> dict:
+    """A linear probe on a 6-layer random DINOv2 (accuracy depends on the window), its data and features;
+    returns the task config."""
     from ffmerge import pipeline
 
     torch.manual_seed(0)
@@ -473,8 +474,49 @@ def test_in_process_window_search_gives_the_per_window_accuracies(fake_fashion, 
     ImageClassificationTask(cfg).prepare_data(tmp_path / "backbone", tmp_path / "data")
     fit_linear_head(tmp_path / "backbone", tmp_path / "data", tmp_path / "model", cfg)
     pipeline.cache(cfg, tmp_path / "model", tmp_path / "data", tmp_path / "features", "cpu")
+    return cfg
 
+
+def test_in_process_window_search_gives_the_per_window_accuracies(fake_fashion, tmp_path):
+    """The search replays cached hidden states batch by batch through AccuracyScorer: same scores as one
+    full pass per candidate, on a classifier whose accuracy depends on the window (a probe on 6 layers)."""
+    from ffmerge import pipeline
+
+    cfg = _probed_classifier(fake_fashion, tmp_path)
     args = (cfg, tmp_path / "model", tmp_path / "data", tmp_path / "features", "permute", "1/3")
     searched = pipeline.search(*args, tmp_path / "selection.json", "cpu")["scores"]
     one_by_one = {str(s): pipeline.candidate(*args, int(s), tmp_path / f"{s}.json", "cpu")["valid"] for s in searched}
     assert searched == one_by_one and len(set(searched.values())) > 1
+
+
+@pytest.mark.parametrize("variant", ["permute", "drop"])
+def test_compress_and_finetune_record_what_evaluate_measures_on_the_saved_model(fake_fashion, tmp_path, variant):
+    """compress and finetune measure the model they have just saved, in their own process (the workflow has no
+    separate evaluation job for them): the record must equal pipeline.evaluate's of the saved folder, for a merge
+    (tied FF blocks) and a drop (layers removed), before and after fine-tuning."""
+    from ffmerge import pipeline
+
+    cfg = _probed_classifier(fake_fashion, tmp_path)
+    cfg["finetune"] = {
+        "batch_size": 8, "lr": 1e-3, "schedule": "constant", "warmup_steps": 0, "min_lr": 0.0, "max_steps": 3,
+        "eval_every": 1, "checkpoint_every": 2, "fp16": False, "keep_state": False,
+    }  # fmt: skip
+    data, features = tmp_path / "data", tmp_path / "features" if variant != "drop" else None
+    pipeline.search(cfg, tmp_path / "model", data, features, variant, "1/2", tmp_path / "selection.json", "cpu")
+    compressed, finetuned = tmp_path / "compressed", tmp_path / "finetuned"
+
+    pre = pipeline.build_compressed(
+        cfg, tmp_path / "model", features, tmp_path / "selection.json", variant, "best", compressed,
+        data_dir=data, eval_json=tmp_path / "pre.json",
+    )  # fmt: skip
+    post = pipeline.run_finetune(
+        cfg, compressed, data, tmp_path / "work", finetuned, "cpu", eval_json=tmp_path / "post.json"
+    )
+
+    for stage, model_dir in (("pre", compressed), ("post", finetuned)):
+        recorded = json.loads((tmp_path / f"{stage}.json").read_text())
+        assert recorded == pipeline.evaluate(cfg, model_dir, data, tmp_path / f"{stage}_again.json", "cpu")
+        assert recorded["variant"] == variant and recorded["windows"] == json.loads(json.dumps(pre["windows"]))
+        assert recorded["size"]["ff_blocks_removed"] == (3 if variant == "permute" else 0)  # drops are not ties
+    assert json.loads((tmp_path / "post.json").read_text())["finetune"] == post["finetune"]
+    assert post["finetune"]["steps"] == 3 and not (tmp_path / "work").exists()

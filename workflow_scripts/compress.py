@@ -1,4 +1,4 @@
-"""Snakemake script: the chosen (best or random) window as a tied checkpoint."""
+"""Snakemake script: the chosen (best or random) window as a tied checkpoint, and its test metric."""
 
 from ffmerge import pipeline
 from ffmerge.jobs import snakemake_job
@@ -11,5 +11,8 @@ with snakemake_job(snakemake):
         snakemake.input.selection,
         snakemake.wildcards.variant,
         snakemake.wildcards.choice,
-        snakemake.output[0],
+        snakemake.output.model,
+        data_dir=snakemake.input.data,
+        eval_json=snakemake.output.eval,
+        device=snakemake.params.device,
     )

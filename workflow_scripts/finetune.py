@@ -1,4 +1,5 @@
-"""Snakemake script: recovery fine-tuning, resuming from the last checkpoint in the work folder."""
+"""Snakemake script: recovery fine-tuning, resuming from the last checkpoint in the work folder; then the
+fine-tuned model's test metric."""
 
 from ffmerge import pipeline
 from ffmerge.jobs import snakemake_job
@@ -9,6 +10,7 @@ with snakemake_job(snakemake):
         snakemake.input.model,
         snakemake.input.data,
         snakemake.params.work,
-        snakemake.output[0],
+        snakemake.output.model,
         snakemake.params.device,
+        eval_json=snakemake.output.eval,
     )

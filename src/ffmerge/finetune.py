@@ -91,6 +91,9 @@ class FinetuneConfig:
     device: str | None = None
     higher_is_better: bool = False
     patience: int | None = None
+    # False: no resume state is written once training is over (the caller saves the model and deletes the
+    # state anyway); an interrupted run still resumes from the last checkpoint before that
+    save_final_state: bool = True
 
     def __post_init__(self) -> None:
         if self.schedule not in ("inverse_sqrt", "linear", "constant"):
@@ -178,10 +181,11 @@ def finetune(
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if progress.step % config.eval_every == 0 or progress.step == config.max_steps:
                 _record_eval(progress, _run_eval(model, evaluate), loss, model, work_dir, config, emit)
-            if progress.step % config.checkpoint_every == 0:
+            finished = progress.step == config.max_steps or _patience_exhausted(progress, config)
+            if progress.step % config.checkpoint_every == 0 and (config.save_final_state or not finished):
                 _save_last(work_dir, progress, model, optimizer, scheduler, scaler, config)
                 saved_step = progress.step
-    if saved_step != progress.step:
+    if saved_step != progress.step and config.save_final_state:
         _save_last(work_dir, progress, model, optimizer, scheduler, scaler, config)
     if _patience_exhausted(progress, config) and progress.step < config.max_steps:
         emit(f"early stop at step {progress.step}: no improvement in {config.patience} evaluations")
@@ -365,7 +369,9 @@ def _resume(
     return progress
 
 
-_RESUMABLE_CHANGES = frozenset({"max_steps", "device", "eval_every", "checkpoint_every", "patience"})
+_RESUMABLE_CHANGES = frozenset(
+    {"max_steps", "device", "eval_every", "checkpoint_every", "patience", "save_final_state"}
+)
 """Settings that may change between an interrupted run and its resume: a longer budget, another machine,
 or different bookkeeping. Anything else (lr, schedule, batch, seed, ...) would silently mix two recipes."""
 

@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 from scipy.io import wavfile
-from scipy.signal import resample_poly
 
 from ffmerge.atomic import atomic_output_dir
 from ffmerge.data.text import SPLIT_ORDER, WIKI_OFFLINE_DEFAULTS, check_split_counts, load_documents
@@ -175,6 +174,8 @@ def to_mono_16k(audio: np.ndarray, rate: int) -> np.ndarray:
         audio = audio.mean(axis=1)
     if rate != SAMPLE_RATE:
         common = math.gcd(rate, SAMPLE_RATE)
+        from scipy.signal import resample_poly  # scipy.signal takes ~1 s to import; only data preparation needs it
+
         audio = resample_poly(audio, SAMPLE_RATE // common, rate // common)
     return audio.astype(np.float32)
 
