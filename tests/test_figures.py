@@ -274,12 +274,22 @@ def build_task(root: Path, task: str, cfg: dict) -> None:
             cfg, base, None, selection, variant, choice, m / "compressed", data_dir=data, eval_json=evals / "pre.json"
         )
         pipeline.run_finetune(
-            cfg, m / "compressed", data, r / "work" / variant / label / choice, m / "finetuned", "cpu",
+            cfg,
+            m / "compressed",
+            data,
+            r / "work" / variant / label / choice,
+            m / "finetuned",
+            "cpu",
             eval_json=evals / "post.json",
         )
     pipeline.evaluate(cfg, base, data, r / "eval" / "base" / "pre.json", "cpu")
     pipeline.run_finetune(
-        cfg, base, data, r / "work" / "base", r / "models" / "base" / "finetuned", "cpu",
+        cfg,
+        base,
+        data,
+        r / "work" / "base",
+        r / "models" / "base" / "finetuned",
+        "cpu",
         eval_json=r / "eval" / "base" / "post.json",
     )
     # rules/tables.smk: table_inputs

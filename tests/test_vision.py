@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import gzip
-import json
 import importlib.util
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -497,18 +497,26 @@ def test_compress_and_finetune_record_what_evaluate_measures_on_the_saved_model(
     from ffmerge import pipeline
 
     cfg = _probed_classifier(fake_fashion, tmp_path)
-    cfg["finetune"] = {
-        "batch_size": 8, "lr": 1e-3, "schedule": "constant", "warmup_steps": 0, "min_lr": 0.0, "max_steps": 3,
-        "eval_every": 1, "checkpoint_every": 2, "fp16": False, "keep_state": False,
-    }  # fmt: skip
-    data, features = tmp_path / "data", tmp_path / "features" if variant != "drop" else None
-    pipeline.search(cfg, tmp_path / "model", data, features, variant, "1/2", tmp_path / "selection.json", "cpu")
+    cfg["finetune"] = dict(
+        batch_size=8,
+        lr=1e-3,
+        schedule="constant",
+        warmup_steps=0,
+        min_lr=0.0,
+        max_steps=3,
+        eval_every=1,
+        checkpoint_every=2,
+        fp16=False,
+        keep_state=False,
+    )
+    model, data, selection = tmp_path / "model", tmp_path / "data", tmp_path / "selection.json"
+    features = None if variant == "drop" else tmp_path / "features"
     compressed, finetuned = tmp_path / "compressed", tmp_path / "finetuned"
+    pipeline.search(cfg, model, data, features, variant, "1/2", selection, "cpu")
 
     pre = pipeline.build_compressed(
-        cfg, tmp_path / "model", features, tmp_path / "selection.json", variant, "best", compressed,
-        data_dir=data, eval_json=tmp_path / "pre.json",
-    )  # fmt: skip
+        cfg, model, features, selection, variant, "best", compressed, data_dir=data, eval_json=tmp_path / "pre.json"
+    )
     post = pipeline.run_finetune(
         cfg, compressed, data, tmp_path / "work", finetuned, "cpu", eval_json=tmp_path / "post.json"
     )
