@@ -172,7 +172,7 @@ def finetune(
 
     saved_step = progress.resumed_from
     with tqdm(total=config.max_steps, initial=progress.step, desc="finetune", disable=None) as bar:
-        while progress.step < config.max_steps and not _patience_exhausted(progress, config):
+        while not _training_over(progress, config):
             loss = _train_step(
                 model, optimizer, scheduler, scaler, loss_fn, get_batch, progress.step, config, device, use_amp
             )
@@ -181,8 +181,8 @@ def finetune(
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if progress.step % config.eval_every == 0 or progress.step == config.max_steps:
                 _record_eval(progress, _run_eval(model, evaluate), loss, model, work_dir, config, emit)
-            finished = progress.step == config.max_steps or _patience_exhausted(progress, config)
-            if progress.step % config.checkpoint_every == 0 and (config.save_final_state or not finished):
+            over = _training_over(progress, config)
+            if progress.step % config.checkpoint_every == 0 and (config.save_final_state or not over):
                 _save_last(work_dir, progress, model, optimizer, scheduler, scaler, config)
                 saved_step = progress.step
     if saved_step != progress.step and config.save_final_state:
@@ -294,6 +294,11 @@ def _record_eval(
         progress.best_metric, progress.best_step = metric, progress.step
         _atomic_save({"step": progress.step, "metric": metric, "model": model.state_dict()}, work_dir / BEST_CHECKPOINT)
     emit(f"step {progress.step}: metric {metric:.6g}" + (" (new best)" if improved else ""))
+
+
+def _training_over(progress: _Progress, config: FinetuneConfig) -> bool:
+    """The loop's stop condition; also tells a checkpoint at the last step from one the run still needs."""
+    return progress.step >= config.max_steps or _patience_exhausted(progress, config)
 
 
 def _patience_exhausted(progress: _Progress, config: FinetuneConfig) -> bool:
