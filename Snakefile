@@ -38,6 +38,29 @@ include: "rules/tables.smk"
 include: "rules/report.smk"
 
 
+# Local runs: job scripts fork from one interpreter that has imported torch and transformers once, instead of
+# importing them again in each of the 138 model jobs (ffmerge.forkserver; `--config fork_server=false` to turn
+# it off). Cluster jobs and conda-env jobs run as plain processes.
+FORK_SERVER = []
+
+
+onstart:
+    if config["fork_server"] and workflow.local_exec and not workflow.deployment_settings.deployment_method:
+        from ffmerge.forkserver import ForkServer
+
+        FORK_SERVER.append(ForkServer(f"{config['results_dir']}/logs/fork_server.log"))
+
+
+onsuccess:
+    for server in FORK_SERVER:
+        server.stop()
+
+
+onerror:
+    for server in FORK_SERVER:
+        server.stop()
+
+
 rule all:
     input:
         all_outputs(),

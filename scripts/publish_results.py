@@ -35,7 +35,7 @@ def main() -> None:
         shutil.copyfile(report / f"{name}.md", args.out / f"{name}.md")
     for png in sorted(args.results.glob("*/figures/cka_*.png")):
         shutil.copyfile(png, args.out / f"{png.parent.parent.name}_{png.name}")
-    times = stage_times(args.results / "benchmarks")
+    times = stage_times(args.results / "benchmarks", args.results / "logs")
     totals = times.groupby("task", sort=False)[["jobs", "wall_s", "cpu_s"]].sum().reset_index()
     text = "Per task and rule: jobs, summed job wall time and CPU time (s), largest peak RSS (MB).\n\n"
     text += times.round(1).to_markdown(index=False) + "\n\nPer task:\n\n" + totals.round(1).to_markdown(index=False)

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from ffmerge.checkpoint import load_model
+from ffmerge.forkserver import usage_path
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
@@ -97,6 +98,16 @@ def test_reduced_default_pipeline_end_to_end(tmp_path):
     assert merged.model.layers[0].mlp.down_proj is merged.model.layers[28].mlp.down_proj
     finetune_info = json.loads((lm / "eval" / "permute" / "14of15" / "best" / "post.json").read_text())["finetune"]
     assert finetune_info["steps"] == 4
+
+    # the model jobs ran in forks of the fork server (all but those that started while it was importing),
+    # whose CPU time and memory were recorded beside their logs; the server stopped with the run
+    server_log = (results / "logs" / "fork_server.log").read_text().splitlines()
+    forked = [line for line in server_log if line.startswith("job ") and ": exit " in line]
+    assert forked and all(": exit 0," in line for line in forked), server_log
+    finetune_logs = list((results / "logs").glob("*/finetune/**/*.log"))
+    assert finetune_logs and all(usage_path(log).is_file() for log in finetune_logs)
+    socket_path = Path(server_log[0].split(" listening on ")[1])
+    assert not socket_path.exists()
 
     again = subprocess.run([*command, "-n"], capture_output=True, text=True)
     assert again.returncode == 0

@@ -1,5 +1,9 @@
 """Snakemake script: FF features before the activation (and FF / attention outputs for CKA) on calibration tokens."""
 
+from ffmerge.forkserver import delegate
+
+delegate(snakemake)  # a local run forks this job from a pre-imported interpreter
+
 from ffmerge import pipeline
 from ffmerge.jobs import snakemake_job
 

@@ -1,5 +1,9 @@
 """Snakemake script: build one candidate window and score it on validation data."""
 
+from ffmerge.forkserver import delegate
+
+delegate(snakemake)  # a local run forks this job from a pre-imported interpreter
+
 from ffmerge import pipeline
 from ffmerge.jobs import snakemake_job
 

@@ -1,5 +1,9 @@
 """Snakemake script: the chosen (best or random) window as a tied checkpoint, and its test metric."""
 
+from ffmerge.forkserver import delegate
+
+delegate(snakemake)  # a local run forks this job from a pre-imported interpreter
+
 from ffmerge import pipeline
 from ffmerge.jobs import snakemake_job
 

@@ -1,5 +1,9 @@
 """Snakemake script: hub id, local folder or packaged offline model -> a plain transformers folder."""
 
+from ffmerge.forkserver import delegate
+
+delegate(snakemake)  # a local run forks this job from a pre-imported interpreter
+
 from ffmerge import pipeline
 from ffmerge.jobs import snakemake_job
 

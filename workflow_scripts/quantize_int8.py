@@ -1,5 +1,9 @@
 """Snakemake script: LLM.int8() on a fine-tuned model; test metric and bytes."""
 
+from ffmerge.forkserver import delegate
+
+delegate(snakemake)  # a local run forks this job from a pre-imported interpreter
+
 from ffmerge import pipeline
 from ffmerge.jobs import snakemake_job
 

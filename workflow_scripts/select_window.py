@@ -3,6 +3,10 @@
 per_window mode: pick among the candidate jobs' scores; in_process mode: score every window here.
 """
 
+from ffmerge.forkserver import delegate
+
+delegate(snakemake)  # a local run forks this job from a pre-imported interpreter
+
 from ffmerge import pipeline
 from ffmerge.jobs import snakemake_job
 

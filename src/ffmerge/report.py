@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 
 from .experiments import split_variant
+from .forkserver import usage_path
 
 
 def _read(path: str | Path) -> Any:
@@ -139,18 +140,25 @@ def tables(inputs: Any, outputs: Any) -> None:
     write_table(frame, outputs.int8_csv, outputs.int8_md)
 
 
-def stage_times(bench_dir: str | Path) -> pd.DataFrame:
+def stage_times(bench_dir: str | Path, logs_dir: str | Path | None = None) -> pd.DataFrame:
     """Per task and rule: job count, summed wall and CPU seconds and the largest peak RSS, from Snakemake's
     ``benchmark:`` files (``{results}/benchmarks/{task}/{rule}/...tsv``). Jobs overlap when run in parallel,
-    so the sums say where the compute goes, not how long the run took."""
+    so the sums say where the compute goes, not how long the run took.
+
+    A job that ran in a fork of the fork server is not a child of the process Snakemake measured: its CPU
+    time and peak RSS come from the usage file beside its log (``logs_dir`` mirrors ``bench_dir``)."""
     rows = []
     for path in sorted(Path(bench_dir).rglob("*.tsv")):
-        parts = path.relative_to(bench_dir).parts
+        relative = path.relative_to(bench_dir)
+        parts = relative.parts
         task, rule = parts[0], (parts[1] if len(parts) > 2 else path.stem)
         last = pd.read_csv(path, sep="\t").iloc[-1]
-        rows.append(
-            {"task": task, "rule": rule, "wall_s": last["s"], "cpu_s": last["cpu_time"], "rss_mb": last["max_rss"]}
-        )
+        row = {"task": task, "rule": rule, "wall_s": last["s"], "cpu_s": last["cpu_time"], "rss_mb": last["max_rss"]}
+        usage = usage_path(Path(logs_dir) / relative.with_suffix(".log")) if logs_dir else None
+        if usage is not None and usage.is_file():
+            forked = json.loads(usage.read_text())
+            row.update(cpu_s=forked["cpu_s"], rss_mb=forked["max_rss_mb"])
+        rows.append(row)
     frame = pd.DataFrame.from_records(rows, columns=["task", "rule", "wall_s", "cpu_s", "rss_mb"])
     grouped = frame.groupby(["task", "rule"], sort=False)
     return grouped.agg(
