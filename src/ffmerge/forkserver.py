@@ -124,7 +124,9 @@ def _wait_for_fork(conn: socket.socket, reader: Any, pid: int, log: str | None) 
         print(f"ffmerge fork server: {status['error']}", file=sys.stderr, flush=True)
     if log and "cpu_s" in status:
         usage = {"pid": pid, "cpu_s": status["cpu_s"], "max_rss_mb": status["max_rss_mb"]}
-        usage_path(log).write_text(json.dumps(usage) + "\n")
+        path = usage_path(log)
+        path.parent.mkdir(parents=True, exist_ok=True)  # a job that failed early never made its log folder
+        path.write_text(json.dumps(usage) + "\n")
     conn.close()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -173,7 +175,10 @@ def serve(path: str, parent_pid: int | None, preload: tuple[str, ...] = DEFAULT_
         try:
             _, fds, _, _ = socket.recv_fds(conn, 1, 3)
             request = json.loads(conn.makefile("rb").readline())
-        except (OSError, ValueError) as error:
+            missing = {"argv", "cwd", "env", "interpreter"} - set(request)
+            if missing:
+                raise ValueError(f"the request lacks {sorted(missing)}")
+        except (OSError, ValueError, TypeError) as error:
             print(f"dropped a job that sent no valid request: {error!r}", flush=True)
             conn.close()
             return
