@@ -145,6 +145,7 @@ def test_sigterm_to_the_job_reaches_its_fork(server, job, tmp_path):
     run.wait(timeout=30)
     assert run.returncode == -signal.SIGTERM  # the job dies of the signal its fork died of
     assert _wait_gone(fork)
+    assert f"job {fork}: exit -{signal.SIGTERM.value}," in (tmp_path / "server.log").read_text()  # not the watchdog
 
 
 def test_a_job_killed_with_sigkill_takes_its_fork_with_it(server, job, tmp_path):
@@ -225,4 +226,4 @@ def test_a_torch_job_in_a_fork_computes_exactly_what_a_fresh_interpreter_does(tm
         server.stop()
     assert forked.returncode == 0, forked.stderr
     assert forked.stdout == fresh.stdout
-    assert "exit 0" in (tmp_path / "server.log").read_text(), forked.stderr  # it really ran in a fork
+    assert f"{script}\n" in (tmp_path / "server.log").read_text(), forked.stderr  # it really ran in a fork

@@ -8,7 +8,7 @@ descriptors), working directory, arguments and environment to the server, which 
 very same Snakemake script file, and the job process only waits, relays signals and exits with the fork's
 status. Anything the hand-off cannot guarantee to be equivalent runs in-process as before:
 
-- no server (cluster jobs, ``fork_server: false``, a server that died or is still starting up);
+- no server (a cluster run starts none; ``fork_server: false``; a server still importing or gone);
 - another interpreter (a conda env of its own: ``--sdm conda``);
 - an environment variable that libraries read at import time (``HF_*``, ``TORCH*``, ``CUDA_*``,
   ``PYTHON*``...) differing from the server's, since the server's imports saw its own values.
@@ -75,7 +75,7 @@ def delegate(smk: Any = None) -> None:
 
     ``smk`` is the script's ``snakemake`` object; its log decides where the fork's usage is written.
     """
-    if os.environ.get(FORKED_ENV) or os.environ.get("SLURM_JOB_ID"):
+    if os.environ.get(FORKED_ENV):
         return
     log = smk.log[0] if smk is not None and smk.log else None
     if log:
@@ -91,6 +91,8 @@ def delegate(smk: Any = None) -> None:
         conn.close()
         return
     reader = conn.makefile("rb")
+    # held back until the fork's pid is known (then relayed to it) or the job runs here (then as usual)
+    signal.pthread_sigmask(signal.SIG_BLOCK, RELAYED_SIGNALS)
     try:
         socket.send_fds(conn, [b"F"], [0, 1, 2])
         request = {
@@ -107,6 +109,7 @@ def delegate(smk: Any = None) -> None:
         reason = reply.get("reason", "the server did not answer")
         print(f"ffmerge fork server: running in-process ({reason})", file=sys.stderr, flush=True)
         conn.close()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, RELAYED_SIGNALS)
         return
     _wait_for_fork(conn, reader, int(reply["pid"]), log)
 
@@ -118,6 +121,7 @@ def _wait_for_fork(conn: socket.socket, reader: Any, pid: int, log: str | None) 
 
     for signum in RELAYED_SIGNALS:
         signal.signal(signum, relay)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, RELAYED_SIGNALS)
     line = reader.readline()  # the server answers once the fork has exited
     status = json.loads(line) if line else {"exit": 1, "error": "the fork server closed the connection"}
     if "error" in status:
@@ -208,7 +212,6 @@ def serve(path: str, parent_pid: int | None, preload: tuple[str, ...] = DEFAULT_
         for fd in fds:
             os.close(fd)
         jobs[pid] = conn
-        _send(conn, {"accepted": True, "pid": pid})
         print(f"job {pid}: {' '.join(request['argv'])}", flush=True)
 
     def reap() -> None:
@@ -222,9 +225,9 @@ def serve(path: str, parent_pid: int | None, preload: tuple[str, ...] = DEFAULT_
             conn = jobs.pop(pid)
             code = os.waitstatus_to_exitcode(status)
             cpu_s = round(usage.ru_utime + usage.ru_stime, 2)
+            print(f"job {pid}: exit {code}, {cpu_s} s CPU", flush=True)  # logged before the job can end
             _send(conn, {"exit": code, "cpu_s": cpu_s, "max_rss_mb": round(usage.ru_maxrss / 1024, 1)})
             conn.close()
-            print(f"job {pid}: exit {code}, {cpu_s} s CPU", flush=True)
 
     while parent_pid is None or _alive(parent_pid):
         for key, _ in selector.select(timeout=2.0):
@@ -253,7 +256,11 @@ def _refusal(request: dict[str, Any], identity: dict[str, str], server_env: dict
 
 
 def _run_forked(conn: socket.socket, fds: list[int], env: dict[str, str], request: dict[str, Any]) -> int:
-    """In the fork: become the job (its streams, directory, environment, arguments) and run its script."""
+    """In the fork: become the job (its streams, directory, environment, arguments) and run its script.
+
+    The fork, not the server, tells the job that it was accepted: a job that hears nothing can then run
+    in-process without any chance that a fork runs the script as well."""
+    _send(conn, {"accepted": True, "pid": os.getpid()})
     for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
