@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically so an interrupted job never leaves a file that looks finished."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        json.dump(data, f, indent=2)
+    os.replace(f.name, path)
 
 
 @contextlib.contextmanager

@@ -44,6 +44,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_json
+
 SOCKET_ENV = "FFMERGE_FORK_SERVER"  # the server's socket path; set for the jobs of a local run
 FORKED_ENV = "FFMERGE_FORKED"  # set inside a fork, where delegate() must run the script in place
 DEFAULT_PRELOAD = ("ffmerge.pipeline", "snakemake.iocontainers", "snakemake.logging", "snakemake.script")
@@ -127,10 +129,8 @@ def _wait_for_fork(conn: socket.socket, reader: Any, pid: int, log: str | None) 
     if "error" in status:
         print(f"ffmerge fork server: {status['error']}", file=sys.stderr, flush=True)
     if log and "cpu_s" in status:
-        usage = {"pid": pid, "cpu_s": status["cpu_s"], "max_rss_mb": status["max_rss_mb"]}
-        path = usage_path(log)
-        path.parent.mkdir(parents=True, exist_ok=True)  # a job that failed early never made its log folder
-        path.write_text(json.dumps(usage) + "\n")
+        # makes the log folder too, which a job that failed early never made
+        write_json(usage_path(log), {"pid": pid, "cpu_s": status["cpu_s"], "max_rss_mb": status["max_rss_mb"]})
     conn.close()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from torch import nn
 
 from .adapters import get_adapter
 from .align import MergePlan, plan_merge
+from .atomic import write_json
 from .checkpoint import load_model, save_compressed
 from .cka import cka_matrix
 from .drop import drop_layers
@@ -38,15 +38,6 @@ from .size import size_report
 from .tasks import get_task
 
 log = logging.getLogger("ffmerge")
-
-
-def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON atomically so an interrupted job never leaves a file that looks finished."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump(data, f, indent=2)
-    os.replace(f.name, path)
 
 
 def read_json(path: str | Path) -> Any:

@@ -156,7 +156,7 @@ def stage_times(bench_dir: str | Path, logs_dir: str | Path | None = None) -> pd
         row = {"task": task, "rule": rule, "wall_s": last["s"], "cpu_s": last["cpu_time"], "rss_mb": last["max_rss"]}
         usage = usage_path(Path(logs_dir) / relative.with_suffix(".log")) if logs_dir else None
         if usage is not None and usage.is_file():
-            forked = json.loads(usage.read_text())
+            forked = _read(usage)
             row.update(cpu_s=forked["cpu_s"], rss_mb=forked["max_rss_mb"])
         rows.append(row)
     frame = pd.DataFrame.from_records(rows, columns=["task", "rule", "wall_s", "cpu_s", "rss_mb"])
