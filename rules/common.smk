@@ -50,8 +50,14 @@ def search_of(variant):
 
 
 def features_if_merge(wildcards):
+    """Merges read the feature cache; permute merges also the pairs solved by rule align (in-process searches)."""
     method = search_of(wildcards.get("search", wildcards.get("variant", "")))
-    return {"features": f"{R}/features".format(task=wildcards.task)} if method != "drop" else {}
+    if method == "drop":
+        return {}
+    inputs = {"features": f"{R}/features".format(task=wildcards.task)}
+    if method == "permute" and config["tasks"][wildcards.task]["search"]["mode"] == "in_process":
+        inputs["alignment"] = f"{R}/alignment/permute.safetensors".format(task=wildcards.task)
+    return inputs
 
 
 def all_outputs():

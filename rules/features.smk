@@ -17,3 +17,26 @@ rule cache_features:
         "../envs/torch.yaml"
     script:
         "../workflow_scripts/cache_features.py"
+
+
+# In-process searches: the (anchor, layer) pairs that the permute windows of every fraction align, each solved
+# once (windows of different starts and sizes share most pairs); the searches and compress jobs read them.
+
+
+rule align:
+    input:
+        features=f"{R}/features",
+    output:
+        f"{R}/alignment/permute.safetensors",
+    params:
+        cfg=task_cfg("experiments"),
+    log:
+        f"{LOGS}/align.log",
+    benchmark:
+        f"{BENCH}/align.tsv",
+    resources:
+        mem_mb=4000,
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../workflow_scripts/align.py"

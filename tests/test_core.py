@@ -9,7 +9,16 @@ from families import calibration_batches as _batches
 from safetensors import safe_open
 
 from ffmerge.adapters import UnsupportedModelError, get_adapter, neuron_axis
-from ffmerge.align import MergePlan, StackAlignment, align_window, anchor_layer, plan_merge
+from ffmerge.align import (
+    MergePlan,
+    StackAlignment,
+    align_window,
+    anchor_layer,
+    load_pairs,
+    plan_merge,
+    save_pairs,
+    solve_pairs,
+)
 from ffmerge.checkpoint import WEIGHTS, load_compressed, save_compressed
 from ffmerge.features import FeatureStore, cache_features
 from ffmerge.merge import apply_plan, ff_block_groups, permute_ff
@@ -251,3 +260,58 @@ def test_generation_config_survives_save_load_save(name, tmp_path):
     reloaded = load_compressed(tmp_path / "second")
     assert reloaded.generation_config.max_length == 77
     assert reloaded.generation_config.repetition_penalty == 1.25
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pairs_solved_once_give_the_plans_aligned_window_by_window(name, tmp_path):
+    # rule align solves each (anchor, layer) pair once and the searches and compress jobs read them: the plan
+    # must be exactly the one each window would have aligned itself
+    model, _ = build(name)
+    stacks = [spec.name for spec in get_adapter(model).stacks]
+    store = cache_features(model, _batches(name, 40), tmp_path / "feat", n_tokens=150, progress=False)
+    windows = [{s: (start, size) for s in stacks} for start, size in [(0, 3), (1, 3), (0, 4), (1, 2)]]
+    pairs = {(s, start, j) for w in windows for s, (start, size) in w.items() for j in range(start + 1, start + size)}
+    save_pairs(tmp_path / "pairs.safetensors", solve_pairs(store, pairs), store)
+    solved = load_pairs(tmp_path / "pairs.safetensors", store)
+    assert set(solved) == pairs
+    for w in windows:
+        assert plan_merge(store, w, solved=solved) == plan_merge(store, w)
+    # a pair missing from the table (middle anchor) is solved in place, the same as without a table
+    middle = plan_merge(store, windows[2], anchor="middle", solved=solved)
+    assert middle == plan_merge(store, windows[2], anchor="middle")
+    # and a table entry is really used: a planted one shows up in the plan
+    stack = stacks[0]
+    fake = list(reversed(solved[(stack, 0, 1)]))
+    planted = plan_merge(store, windows[0], solved={**solved, (stack, 0, 1): fake})
+    assert planted.stacks[0].perms[1] == fake
+
+
+def test_pairs_solved_from_other_features_are_refused(tmp_path):
+    model, _ = build("llama")
+    store = cache_features(model, _batches("llama", 40), tmp_path / "a", n_tokens=150, progress=False)
+    other = cache_features(model, _batches("llama", 40), tmp_path / "b", n_tokens=120, progress=False)
+    save_pairs(tmp_path / "pairs.safetensors", solve_pairs(store, {("decoder", 0, 1)}), store)
+    with pytest.raises(ValueError, match="other features.*rerun the align step"):
+        load_pairs(tmp_path / "pairs.safetensors", other)
+    (tmp_path / "pairs.safetensors").write_bytes(b"truncated")
+    with pytest.raises(RuntimeError, match="cannot read solved alignments.*rerun the align step"):
+        load_pairs(tmp_path / "pairs.safetensors", store)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_load_compressed_rebuilds_every_tensor_buffer_and_tie(name, tmp_path):
+    # load_compressed skips weight initialisation; nothing it skips may survive into the loaded model
+    model, _ = build(name)
+    save_compressed(model, tmp_path / "m")
+    loaded = load_compressed(tmp_path / "m")
+    for kind in ("named_parameters", "named_buffers"):  # buffers include non-persistent ones (rotary tables)
+        ours = dict(getattr(model, kind)(remove_duplicate=False))
+        theirs = dict(getattr(loaded, kind)(remove_duplicate=False))
+        assert ours.keys() == theirs.keys()
+        for key, value in ours.items():
+            assert torch.equal(value, theirs[key]), key
+    params = dict(model.named_parameters(remove_duplicate=False))
+    shared = {n for n, p in params.items() for m, q in params.items() if p is q and n != m}
+    loaded_params = dict(loaded.named_parameters(remove_duplicate=False))
+    for n in shared:  # tied embeddings stay one object
+        assert any(loaded_params[n] is loaded_params[m] for m in shared if m != n), n

@@ -28,6 +28,7 @@ from ffmerge.finetune import (
     causal_lm_loss,
     finetune,
     lm_batches,
+    make_optimizer,
 )
 
 SHARED_PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -396,3 +397,27 @@ def test_run_finetune_deletes_the_resume_state_once_the_model_is_saved_unless_ke
     pipeline.run_finetune(cfg, tmp_path / "model", tmp_path / "data", work, out, "cpu")
     assert events == ["saved"]
     assert (work / LAST_CHECKPOINT).is_file() is keep
+
+
+def test_fused_adamw_updates_like_torchs_per_tensor_loop() -> None:
+    # make_optimizer takes the fused kernel for speed; the update must be AdamW's with our lr and weight decay,
+    # differing from torch's reference loop by rounding only
+    config = replace(RESUME_CONFIG, weight_decay=0.1)
+    models = [tiny_tied_llama(), tiny_tied_llama()]
+    optimizers = [
+        make_optimizer(models[0], config),
+        torch.optim.AdamW(models[1].parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=False),
+    ]
+    assert optimizers[0].param_groups[0]["fused"] is True
+    batches = train_batches()
+    for step in range(3):
+        for model, optimizer in zip(models, optimizers, strict=True):
+            optimizer.zero_grad(set_to_none=True)
+            torch.manual_seed(step)  # the same dropout masks for both
+            causal_lm_loss(model, batches(step)).backward()
+            optimizer.step()
+    start, fused, loop = _snapshot(tiny_tied_llama()), _snapshot(models[0]), _snapshot(models[1])
+    for key in fused:
+        moved = (loop[key] - start[key]).abs().max().item()
+        assert moved > 1e-4, key  # every tensor really trained (lr 3e-3 over three updates)
+        torch.testing.assert_close(fused[key], loop[key], rtol=0, atol=1e-6, msg=key)

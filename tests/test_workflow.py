@@ -595,6 +595,8 @@ def _task_counts(task: dict) -> dict[str, int]:
         "prepare_data": 1,
         "fit_head": 1 if "probe" in task else 0,
         "cache_features": 1,
+        # in-process permute searches share one job that solves every (anchor, layer) pair once
+        "align": 1 if "permute" in searches and task["search"]["mode"] == "in_process" else 0,
         "select_window": len(searches) * len(fractions),
         "compress": len(models),
         "finetune": len(models),  # each also writes its model's test metric (eval/.../post.json)

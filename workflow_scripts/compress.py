@@ -19,4 +19,5 @@ with snakemake_job(snakemake):
         data_dir=snakemake.input.data,
         eval_json=snakemake.output.eval,
         device=snakemake.params.device,
+        alignments=snakemake.input.get("alignment"),
     )

@@ -23,4 +23,5 @@ with snakemake_job(snakemake):
             snakemake.wildcards.fraction,
             snakemake.output[0],
             snakemake.params.device,
+            alignments=snakemake.input.get("alignment"),
         )

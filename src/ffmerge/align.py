@@ -12,11 +12,15 @@ the window, the anchor and every permutation. It is saved as JSON next to the ca
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from scipy.optimize import linear_sum_assignment
 
 from .features import FeatureStore
@@ -25,6 +29,9 @@ METHODS = ("permute", "vanilla")
 ANCHORS = ("first", "middle", "last")
 CORR_EPS = 1e-8
 """Floor on the product of standard deviations, so dead (constant) neurons give 0 instead of NaN."""
+
+SolvedPairs = Mapping[tuple[str, int, int], list[int]]
+"""Permutations already solved, by ``(stack, anchor layer, layer)``: see :func:`solve_pairs`."""
 
 
 @dataclass
@@ -114,6 +121,15 @@ def match_neurons(corr: torch.Tensor) -> list[int]:
     return cols.tolist()
 
 
+def _match_to_anchor(store: FeatureStore, stack: str, anchor: int, layers: Iterable[int]) -> dict[int, list[int]]:
+    """Each of ``layers`` matched to ``anchor``; the anchor's features are standardized once for all of them."""
+    layers = list(layers)
+    if not layers:
+        return {}
+    anchor_z = standardize(store.load(stack, "pre", anchor))
+    return {j: match_neurons(_correlate(anchor_z, standardize(store.load(stack, "pre", j)))) for j in layers}
+
+
 def align_window(
     store: FeatureStore,
     stack: str,
@@ -122,8 +138,12 @@ def align_window(
     *,
     anchor: str = "first",
     method: str = "permute",
+    solved: SolvedPairs | None = None,
 ) -> StackAlignment:
-    """Align every member of one stack's window to its anchor from the cached ``pre`` features."""
+    """Align every member of one stack's window to its anchor from the cached ``pre`` features.
+
+    Pairs found in ``solved`` are taken from there instead of being solved again (same computation, same result).
+    """
     if method not in METHODS:
         raise ValueError(f"merge method must be one of {METHODS}, got {method!r}")
     n_layers = store.num_layers(stack)
@@ -133,10 +153,10 @@ def align_window(
     alignment = StackAlignment(stack=stack, start=start, size=size, anchor=anchor_idx)
     if method == "vanilla":
         return alignment
-    anchor_z = standardize(store.load(stack, "pre", anchor_idx))  # once per window, not once per pair
-    for j in alignment.layers:
-        if j != anchor_idx:
-            alignment.perms[j] = match_neurons(_correlate(anchor_z, standardize(store.load(stack, "pre", j))))
+    solved = solved or {}
+    members = [j for j in alignment.layers if j != anchor_idx]
+    fresh = _match_to_anchor(store, stack, anchor_idx, [j for j in members if (stack, anchor_idx, j) not in solved])
+    alignment.perms = {j: fresh[j] if j in fresh else list(solved[(stack, anchor_idx, j)]) for j in members}
     return alignment
 
 
@@ -146,7 +166,63 @@ def plan_merge(
     *,
     anchor: str = "first",
     method: str = "permute",
+    solved: SolvedPairs | None = None,
 ) -> MergePlan:
     """A plan for ``windows`` (``{stack: (start, size)}``); encoder-decoder models pass both stacks."""
-    stacks = [align_window(store, s, start, size, anchor=anchor, method=method) for s, (start, size) in windows.items()]
+    stacks = [
+        align_window(store, s, start, size, anchor=anchor, method=method, solved=solved)
+        for s, (start, size) in windows.items()
+    ]
     return MergePlan(method=method, feature=store.manifest["feature"], stacks=stacks)
+
+
+def solve_pairs(store: FeatureStore, pairs: Iterable[tuple[str, int, int]]) -> dict[tuple[str, int, int], list[int]]:
+    """The permutation of every ``(stack, anchor, layer)`` pair, each pair solved once.
+
+    A pair's permutation depends only on the two layers' features, not on the window around them, and windows
+    share most pairs: with the first layer as anchor, the window at start ``s`` of every fraction aligns layers
+    ``s+1, s+2, ...`` to layer ``s``. For a 30-layer model the 1/3, 1/2 and all-but-one searches hold 454
+    alignments but only 289 distinct pairs, and the compressed models rebuilt afterwards need no new ones.
+    Each alignment costs one ``tokens x d x d`` product plus a ``d x d`` assignment (about 1 s for SmolLM2).
+    """
+    by_anchor: dict[tuple[str, int], list[int]] = {}
+    for stack, a, j in sorted(set(pairs)):
+        by_anchor.setdefault((stack, a), []).append(j)
+    return {
+        (stack, a, j): perm
+        for (stack, a), layers in by_anchor.items()
+        for j, perm in _match_to_anchor(store, stack, a, layers).items()
+    }
+
+
+def save_pairs(path: str | Path, solved: SolvedPairs, store: FeatureStore) -> None:
+    """Write solved pairs with the identity of the features they came from; atomic (tmp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{s}/{a}/{j}": torch.tensor(perm, dtype=torch.int32) for (s, a, j), perm in solved.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=_features_identity(store))
+    os.replace(tmp, path)
+
+
+def load_pairs(path: str | Path, store: FeatureStore) -> dict[tuple[str, int, int], list[int]]:
+    """Solved pairs from :func:`save_pairs`, refusing a file solved from other features than ``store``'s."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            solved = {(k.split("/")[0], *map(int, k.split("/")[1:])): f.get_tensor(k).tolist() for k in f.keys()}
+    except Exception as err:
+        raise RuntimeError(f"cannot read solved alignments {path}: {err}; delete it and rerun the align step") from err
+    if meta != _features_identity(store):
+        raise ValueError(
+            f"{path} was solved from other features than {store.root} (manifests differ: "
+            f"{meta.get('features_manifest')} vs {_features_identity(store)['features_manifest']}); delete it and "
+            "rerun the align step"
+        )
+    return solved
+
+
+def _features_identity(store: FeatureStore) -> dict[str, str]:
+    """The feature cache's manifest (model type, feature mode, tokens, layers): a file solved from another model,
+    feature or token count is refused. Features rewritten in place are Snakemake's to catch (it reruns align)."""
+    return {"features_manifest": json.dumps(store.manifest, sort_keys=True)}

@@ -24,6 +24,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, GenerationConfig
+from transformers.initialization import no_init_weights
 
 from .adapters import get_submodule, set_submodule
 from .atomic import atomic_output_dir
@@ -125,13 +126,19 @@ def apply_ties(model: nn.Module, ties: dict[str, dict[str, list[str]]]) -> None:
 def load_compressed(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """Rebuild the model from its config, restore the ties, then load every tensor strictly.
 
-    Loading is strict: a tensor missing from the file is an error, never a randomly initialised layer.
+    Loading is strict: a tensor missing from the file is an error, never a randomly initialised layer. So the
+    model is built without initialising its weights (``no_init_weights``; 3.5 s of SmolLM2's 4 s build on a
+    laptop core): every parameter and persistent buffer is overwritten from the file. The weight tying that
+    ``init_weights`` also does is done here, and non-persistent buffers such as rotary frequencies are computed
+    by the modules' constructors, which still run.
     """
     path = Path(path)
     meta = read_meta(path)
     config = AutoConfig.from_pretrained(path)
     cls = getattr(transformers, meta["architecture"])
-    model = cls._from_config(config, dtype=dtype) if dtype is not None else cls._from_config(config)
+    with no_init_weights():
+        model = cls._from_config(config, dtype=dtype) if dtype is not None else cls._from_config(config)
+    model.tie_weights(recompute_mapping=False)
     apply_ties(model, meta["ties"])
     try:
         stored = load_file(str(path / WEIGHTS))

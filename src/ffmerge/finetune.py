@@ -159,7 +159,7 @@ def finetune(
     use_amp = config.fp16 and device.type == "cuda"
     if config.fp16 and not use_amp:
         emit(f"fp16 ignored on {device.type}: autocast/GradScaler need cuda; training in fp32")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(model, config)
     scheduler = _make_scheduler(optimizer, config)
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
 
@@ -212,6 +212,16 @@ def _evaluate_only(
     _write_history(work_dir, result)
     emit(f"max_steps=0: evaluated only, metric {metric:.6g}")
     return result
+
+
+def make_optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel (CPU and CUDA), one pass over each tensor per step.
+
+    torch's default on a CPU is a per-tensor loop of a dozen elementwise ops: 0.88 s per SmolLM2-135M update
+    on one laptop core against 0.19 s fused (and 0.81 s for the multi-tensor ``foreach`` kernels). The
+    update is the same; only float rounding differs (tests: within 1e-6 of the loop after three steps).
+    """
+    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
 
 
 def _make_scheduler(optimizer: torch.optim.Optimizer, config: FinetuneConfig) -> torch.optim.lr_scheduler.LambdaLR:

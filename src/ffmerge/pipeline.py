@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter
-from .align import MergePlan, plan_merge
+from .align import MergePlan, SolvedPairs, anchor_layer, load_pairs, plan_merge, save_pairs, solve_pairs
 from .atomic import write_json
 from .checkpoint import load_model, save_compressed
 from .cka import cka_matrix
@@ -101,10 +101,12 @@ def compress(
     start: int,
     features: FeatureStore | None,
     plan: dict | None = None,
+    solved: SolvedPairs | None = None,
 ) -> dict:
     """Apply one variant in place; returns the windows and, for merges, the plan (to rebuild it exactly).
 
-    A ``plan`` from an earlier call rebuilds the same merge without aligning the layers again.
+    A ``plan`` from an earlier call rebuilds the same merge without aligning the layers again; ``solved`` holds
+    pairs already aligned (the align step), so only pairs missing from it are solved here.
     """
     method, anchor = split_variant(variant)
     windows = windows_at(method, stack_layers(model), fraction, start)
@@ -116,9 +118,35 @@ def compress(
     elif features is None:
         raise ValueError(f"variant {variant} needs cached features")
     else:
-        merge_plan = plan_merge(features, windows, anchor=anchor, method=method)
+        merge_plan = plan_merge(features, windows, anchor=anchor, method=method, solved=solved)
     apply_plan(model, merge_plan)
     return {"windows": windows, "plan": merge_plan.to_dict()}
+
+
+def align(cfg: dict, features_dir: Path, out_path: Path) -> int:
+    """Solve once each (anchor, layer) pair that the permute searches of all configured fractions align.
+
+    Their windows share most pairs (see :func:`ffmerge.align.solve_pairs`), and the compressed models rebuilt
+    from the chosen windows need no new ones. Anchor ablations align their one window in their own job.
+    Returns the number of pairs solved.
+    """
+    store = FeatureStore.open(features_dir)
+    layers = dict(store.manifest["num_layers"])
+    pairs = set()
+    for fraction in cfg["experiments"]["fractions"]:
+        for start in window_starts("permute", layers, fraction):
+            for stack, (first, size) in windows_at("permute", layers, fraction, start).items():
+                anchor = anchor_layer(first, size, "first")
+                pairs |= {(stack, anchor, j) for j in range(first, first + size) if j != anchor}
+    log.info(f"aligning {len(pairs)} (anchor, layer) pairs")
+    save_pairs(out_path, solve_pairs(store, pairs), store)
+    return len(pairs)
+
+
+def _solved(alignments: Path | None, features: FeatureStore | None) -> SolvedPairs | None:
+    if alignments is None or features is None:
+        return None
+    return load_pairs(alignments, features)
 
 
 def candidate(
@@ -132,7 +160,10 @@ def candidate(
     out_json: Path,
     device: str,
 ) -> dict:
-    """Build one candidate window and score it on validation data (the paper's window search)."""
+    """Build one candidate window and score it on validation data (the paper's window search).
+
+    Each candidate job aligns its own window, so a cluster spreads the alignments over the jobs (rule align
+    serves in-process searches only)."""
     task = get_task(cfg)
     dev = resolve_device(device)
     model = load_model(model_dir, auto_class=task.auto_class, device=dev)
@@ -168,6 +199,8 @@ def search(
     fraction_label: str,
     out_json: Path,
     device: str,
+    *,
+    alignments: Path | None = None,
 ) -> dict:
     """Every window start in one job (``search.mode: in_process``), reusing the base model's hidden
     states and, if configured, finishing only the candidates that lead on a first share of the data."""
@@ -180,6 +213,7 @@ def search(
     method, _ = split_variant(variant)
     starts = window_starts(method, stack_layers(base), fraction)
     features = FeatureStore.open(features_dir) if features_dir else None
+    solved = _solved(alignments, features)
     scorer = task.scorer(Path(data_dir), "valid", "selection", dev)
     sel = cfg["search"]
     reuse = sel["reuse_states"] and scorer is not None
@@ -188,7 +222,7 @@ def search(
     results = search_windows(
         base,
         scorer,
-        lambda model, start, plan: compress(model, variant, fraction, start, features, plan),
+        lambda model, start, plan: compress(model, variant, fraction, start, features, plan, solved),
         starts,
         higher_is_better=task.higher_is_better,
         reuse=reuse,
@@ -283,6 +317,7 @@ def build_compressed(
     data_dir: Path | None = None,
     eval_json: Path | None = None,
     device: str = "cpu",
+    alignments: Path | None = None,
 ) -> dict:
     """Rebuild the chosen candidate and save it as a tied checkpoint (shared tensors stored once).
 
@@ -294,7 +329,7 @@ def build_compressed(
     selection = read_json(selection_json)
     start = choose_start(selection, choice, cfg["seed"])
     features = FeatureStore.open(features_dir) if features_dir else None
-    info = compress(model, variant, selection["fraction"], start, features)
+    info = compress(model, variant, selection["fraction"], start, features, solved=_solved(alignments, features))
     extra = {
         "variant": variant,
         "fraction": selection["fraction"],
