@@ -178,7 +178,7 @@ def fake_save_compressed(model: FakeModel, path, extra=None) -> Path:
     return path
 
 
-def fake_compress(model: FakeModel, variant, fraction, start, features) -> dict:
+def fake_compress(model: FakeModel, variant, fraction, start, features, plan=None, solved=None) -> dict:
     method, _ = split_variant(variant)
     windows = windows_at(method, LAYERS, fraction, start)
     size = windows["decoder"][1]
