@@ -19,7 +19,7 @@ if not workflow.overwrite_configfiles:
 
 
 # Snakemake 9's scheduler loop gains one 1 s wake-up timer per finished job (ffmerge.snakemake_fixes): 31 % of a
-# core by the end of the default run, taken from the jobs. One pending timer wakes it as often as it needs.
+# core three quarters into the default run, taken from the jobs. One pending timer wakes it as often as needed.
 from ffmerge.snakemake_fixes import coalesce_reevaluation_timers
 
 coalesce_reevaluation_timers()
