@@ -10,8 +10,8 @@ DEVICE = config["device"]
 
 wildcard_constraints:
     task="[A-Za-z0-9_-]+",
-    search="permute|vanilla|drop",
-    variant="(permute|vanilla)(@(first|middle|last))?|drop",
+    search="permute|vanilla|drop|ffdrop",
+    variant="(permute|vanilla)(@(first|middle|last))?|drop|ffdrop",
     fraction="[0-9]+of[0-9]+|all-but-one",
     choice="best|random[0-9]+",
     start="[0-9]+",
@@ -52,7 +52,7 @@ def search_of(variant):
 def features_if_merge(wildcards):
     """Merges read the feature cache; permute merges also the pairs solved by rule align (in-process searches)."""
     method = search_of(wildcards.get("search", wildcards.get("variant", "")))
-    if method == "drop":
+    if method in ("drop", "ffdrop"):
         return {}
     inputs = {"features": f"{R}/features".format(task=wildcards.task)}
     if method == "permute" and config["tasks"][wildcards.task]["search"]["mode"] == "in_process":

@@ -12,7 +12,7 @@ rule compress:
         model=directory(f"{R}/models/{{variant}}/{{fraction}}/{{choice}}/compressed"),
         eval=f"{R}/eval/{{variant}}/{{fraction}}/{{choice}}/pre.json",
     params:
-        cfg=task_cfg("evaluation"),
+        cfg=task_cfg("evaluation", "repair", "features"),
         device=DEVICE,
     log:
         f"{LOGS}/compress/{{variant}}/{{fraction}}/{{choice}}.log",

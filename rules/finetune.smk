@@ -7,6 +7,7 @@ rule finetune:
     input:
         model=f"{R}/models/{{variant}}/{{fraction}}/{{choice}}/compressed",
         data=f"{R}/data",
+        teacher=f"{R}/model/base",  # the uncompressed model, for finetune.distill
     output:
         model=directory(f"{R}/models/{{variant}}/{{fraction}}/{{choice}}/finetuned"),
         eval=f"{R}/eval/{{variant}}/{{fraction}}/{{choice}}/post.json",
@@ -30,6 +31,7 @@ use rule finetune as finetune_base with:
     input:
         model=f"{R}/model/base",
         data=f"{R}/data",
+        teacher=f"{R}/model/base",
     output:
         model=directory(f"{R}/models/base/finetuned"),
         eval=f"{R}/eval/base/post.json",

@@ -55,7 +55,8 @@ def table_outputs(name, caption, subcategory):
 def report_outputs():
     """Every artifact of this file: the `all` rule asks for them (rules/common.smk)."""
     figures = [f"{REPORT}/{n}.{ext}" for n in ("figure2_ff_removed", "figure3_params_removed",
-                                               "figure10_window_scores") for ext in ("png", "pdf")]
+                                               "figure10_window_scores", "recovery_curves")
+               for ext in ("png", "pdf")]
     cka = expand(f"{R}/figures/cka_{{kind}}.{{ext}}", task=REPORT_TASKS, kind=["ff_out", "attn_out"],
                  ext=["png", "pdf"])
     tables = [f"{REPORT}/{n}.{ext}" for n in ("table2_windows", "table3_anchors", "table4_int8", "table9_results",
@@ -112,6 +113,23 @@ rule figure_window_scores:
         "../envs/report.yaml"
     script:
         "../workflow_scripts/figure_window_scores.py"
+
+
+rule figure_recovery_curves:
+    input:
+        curves=per_task(f"{R}/tables/recovery_curves.csv"),
+    output:
+        **figure_outputs("recovery_curves", "../report/recovery_curves.rst", "Recovery curves"),
+    params:
+        **report_params("titles", "first_fractions"),
+    log:
+        f"{REPORT_LOGS}/recovery_curves.log",
+    benchmark:
+        f"{REPORT_BENCH}/recovery_curves.tsv"
+    conda:
+        "../envs/report.yaml"
+    script:
+        "../workflow_scripts/figure_recovery_curves.py"
 
 
 rule figure_cka:

@@ -27,6 +27,7 @@ rule tables:
         int8_csv=f"{R}/tables/int8.csv",
         int8_md=f"{R}/tables/int8.md",
         windows_csv=f"{R}/tables/window_scores.csv",
+        recovery_csv=f"{R}/tables/recovery_curves.csv",  # every post.json's finetune.curve, tidy
     log:
         f"{LOGS}/tables.log",
     benchmark:

@@ -44,6 +44,9 @@ def _reduced_config(results: Path) -> dict:
     asr["selection"] = asr["evaluation"] = {"batch_size": 4, "max_new_tokens": 24}
     asr["experiments"] = {"fractions": ["1/3"], "anchors": ["first", "last"], "random_windows": 1}
     asr["finetune"] = {"max_steps": 2, "batch_size": 2, "eval_every": 1, "checkpoint_every": 1}
+    for block in (task, vision, asr):  # the default's repair and distillation, at a fraction of the cost
+        block["repair"] = {**block.get("repair", {}), "enabled": True, "steps": 5}
+        block["finetune"]["distill"] = {"weight": 0.5, "temperature": 2.0}
     return config
 
 
@@ -64,7 +67,7 @@ def test_reduced_default_pipeline_end_to_end(tmp_path):
     for task, (removed, cka_layers, (merge_starts, drop_starts)) in REDUCED.items():
         out = results / task
         table = pd.read_csv(out / "tables" / "table9.csv")
-        assert set(table["variant"]) == {"base", "permute", "vanilla", "drop", "permute@last"}, task
+        assert set(table["variant"]) == {"base", "permute", "vanilla", "drop", "ffdrop", "permute@last"}, task
         base = table[table["variant"] == "base"].iloc[0]
         compressed = table[table["variant"] != "base"]
         assert (compressed["parameters"] < base["parameters"]).all(), task
@@ -79,12 +82,22 @@ def test_reduced_default_pipeline_end_to_end(tmp_path):
 
         # the in-process search scored every window start in full
         fraction = "14of15" if task == "lm" else "1of3"
-        for search, starts in (("permute", merge_starts), ("drop", drop_starts)):
+        for search, starts in (("permute", merge_starts), ("drop", drop_starts), ("ffdrop", drop_starts)):
             selection = json.loads((out / "selection" / search / f"{fraction}.json").read_text())
             assert sorted(selection["scores"], key=int) == [str(s) for s in range(starts)], (task, search)
             assert not selection["screened"]
             best = max if task == "vision" else min
             assert selection["best_valid"] == best(selection["scores"].values())
+
+        # merges were repaired (and every other model was not); every fine-tune records its budget and curve
+        pre = json.loads((out / "eval" / "permute" / fraction / "best" / "pre.json").read_text())
+        assert all(s["error_repaired"] <= s["error_merged"] for s in pre["repair"]["stacks"].values()), task
+        assert json.loads((out / "eval" / "ffdrop" / fraction / "best" / "pre.json").read_text())["repair"] is None
+        for variant in ("permute", "ffdrop"):
+            ft = json.loads((out / "eval" / variant / fraction / "best" / "post.json").read_text())["finetune"]
+            assert ft["distill"] == {"weight": 0.5, "temperature": 2.0}, task
+            assert ft["budget"]["total"] == ft["budget"]["per_step"] * ft["steps"] > 0, task
+            assert [c["step"] for c in ft["curve"]][0] == 0 and ft["curve"][-1]["step"] == ft["steps"], task
 
         cka = pd.read_csv(out / "cka" / "ff_out.csv", index_col=0)
         assert cka.shape == (cka_layers, cka_layers), task

@@ -5,8 +5,9 @@ The result files are not written by hand: a fake model (a dict of scores and siz
 model-dependent calls replaced, and the real ``ffmerge.report.tables`` turns them into the per-task tables the
 figures read. A change in what those steps write (keys, layout, table columns) therefore fails here.
 
-Three tasks: ``lm`` (offline packaged model, the full grid with two fractions), ``gpt2`` (the paper's hub model and
-data; no vanilla, no random windows, only the first anchor, int8 off) and ``droponly`` (only layer dropping).
+Three tasks: ``lm`` (offline packaged model, the full grid with two fractions, every method including ffdrop, local
+repair of the merges on), ``gpt2`` (the paper's hub model and data; no vanilla, no ffdrop, no random windows, only
+the first anchor, int8 off, no repair) and ``droponly`` (only layer dropping).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ from ffmerge import figures, pipeline, report
 from ffmerge.experiments import (
     compressed_models,
     fraction_label,
+    parse_fraction_label,
     split_variant,
     window_starts,
     windows_at,
@@ -45,7 +48,7 @@ BASE_PARAMETERS = 1200
 # ----------------------------------------------------------------------------------------------------------------
 
 TASK_OFFSET = {"lm": 0.0, "gpt2": 1000.0, "droponly": 2000.0}
-METHOD_OFFSET = {"permute": 30.0, "vanilla": 40.0, "drop": 50.0}
+METHOD_OFFSET = {"permute": 30.0, "vanilla": 40.0, "drop": 50.0, "ffdrop": 60.0}
 ANCHOR_OFFSET = {"first": 0.0, "middle": 0.5, "last": 0.75}
 FRACTION_OFFSET = {"1/3": 0.0, "1/2": 100.0}
 BEST = {
@@ -55,7 +58,10 @@ BEST = {
     ("permute", "1/2"): 1,
     ("vanilla", "1/2"): 0,
     ("drop", "1/2"): 2,
+    ("ffdrop", "1/3"): 0,
+    ("ffdrop", "1/2"): 3,
 }
+PER_STEP = 1280  # FakeTask.examples_per_step: tokens per optimizer step
 
 
 def valid_score(task: str, method: str, fraction: str, start: int) -> float:
@@ -79,15 +85,37 @@ def base_score(task: str, stage: str) -> float:
 
 
 def parameters_of(method: str, size: int) -> int:
-    """Dropping a layer removes 150 parameters, tying an FF block away 100."""
-    return BASE_PARAMETERS - (150 * size if method == "drop" else 100 * (size - 1))
+    """Dropping a layer removes 150 parameters, tying an FF block away or deleting one (ffdrop) 100."""
+    if method == "drop":
+        return BASE_PARAMETERS - 150 * size
+    return BASE_PARAMETERS - 100 * (size if method == "ffdrop" else size - 1)
+
+
+def ffs_removed_by(method: str, size: int) -> int:
+    """FF blocks a window of ``size`` layers removes: all of them when deleted, all but one when merged."""
+    return size if method in ("drop", "ffdrop") else size - 1
+
+
+def repair_error(variant: str, fraction: str, start: int) -> float:
+    """The local repair's error_repaired of a merged window (lm only: the task with repair on)."""
+    method, anchor = split_variant(variant)
+    error = {"permute": 0.0, "vanilla": 0.25}[method] + ANCHOR_OFFSET[anchor] / 8 + 0.0625 * (start + 1)
+    return error + (0.125 if fraction == "1/2" else 0.0)
+
+
+def curve_of(valid_before: float, steps: int) -> list[dict]:
+    """The fake fine-tune's history: validation at every step from 0 (before fine-tuning), falling by 0.5."""
+    return [
+        {"step": s, "metric": valid_before - 0.5 * s, "train_loss": None if s == 0 else 4.0 - 0.25 * s}
+        for s in range(steps + 1)
+    ]
 
 
 def reduction(parameters: int) -> float:
     return round(100 * (1 - parameters / BASE_PARAMETERS), 2)
 
 
-def _task(model: dict, data: dict, **experiments) -> dict:
+def _task(model: dict, data: dict, repair: dict | None = None, **experiments) -> dict:
     return {
         "type": "causal_lm",
         "model": model,
@@ -95,6 +123,7 @@ def _task(model: dict, data: dict, **experiments) -> dict:
         "splits": {"calib": 64, "valid": 64, "test": 64, "train": 64},
         "experiments": experiments,
         "finetune": {"max_steps": 2, "eval_every": 1, "checkpoint_every": 1},
+        **({"repair": repair} if repair is not None else {}),
     }
 
 
@@ -111,8 +140,9 @@ def make_config(results_dir: Path) -> dict:
             "lm": _task(
                 PACKAGED,
                 WIKI_OFFLINE,
+                repair={"enabled": True, "lstsq": True},
                 fractions=["1/3", "1/2"],
-                methods=["permute", "vanilla", "drop"],
+                methods=["permute", "vanilla", "drop", "ffdrop"],
                 anchors=["first", "middle", "last"],
                 random_windows=2,
                 int8=True,
@@ -158,6 +188,10 @@ class FakeTask:
     metric = "ppl"
     higher_is_better = False
     auto_class = "AutoModelForCausalLM"
+    budget_unit = "tokens"
+
+    def examples_per_step(self) -> int:
+        return PER_STEP
 
     def score(self, model, data_dir, split, block, device) -> float:
         return model.spec[split]
@@ -178,19 +212,33 @@ def fake_save_compressed(model: FakeModel, path, extra=None) -> Path:
     return path
 
 
-def fake_compress(model: FakeModel, variant, fraction, start, features, plan=None, solved=None) -> dict:
+def fake_compress(
+    model: FakeModel, variant, fraction, start, features, plan=None, solved=None, repair=None, calibration=None
+) -> dict:
     method, _ = split_variant(variant)
     windows = windows_at(method, LAYERS, fraction, start)
     size = windows["decoder"][1]
     task = model.spec["task"]
     model.spec.update(
         parameters=parameters_of(method, size),
-        ff_blocks_removed=0 if method == "drop" else size - 1,
+        # size_report counts tied-away and deleted (ffdrop) FF blocks; dropped layers are simply gone
+        ff_blocks_removed=0 if method == "drop" else ffs_removed_by(method, size),
         valid=valid_score(task, method, fraction, start),
         test=test_score(task, variant, fraction, start, "pre"),
         key=[variant, fraction, start],
     )
-    return {"windows": windows, "plan": None}
+    info = {"windows": windows, "plan": None}
+    if repair is not None and repair.enabled and method in ("permute", "vanilla"):  # as pipeline.compress
+        stats = {
+            "layers": list(range(start, start + size)),
+            "tokens": 64,
+            "error_merged": 0.875,
+            "error_lstsq": 0.75,
+            "error_repaired": repair_error(variant, fraction, start),
+            "seconds": 0.5,
+        }
+        info["repair"] = {"config": {"steps": repair.steps}, "stacks": {"decoder": stats}}
+    return info
 
 
 def fake_finetune(model: FakeModel, **kwargs) -> FinetuneResult:
@@ -200,7 +248,10 @@ def fake_finetune(model: FakeModel, **kwargs) -> FinetuneResult:
         model.spec["test"] = test_score(task, variant, fraction, start, "post")
     else:
         model.spec["test"] = base_score(task, "post")
-    return FinetuneResult(best_metric=model.spec["valid"], best_step=1, steps_done=2, resumed_from=None, history=[])
+    history = curve_of(model.spec["valid"], 2)
+    return FinetuneResult(
+        best_metric=model.spec["valid"], best_step=1, steps_done=2, resumed_from=None, history=history
+    )
 
 
 def fake_size_report(model: FakeModel) -> SizeReport:
@@ -317,6 +368,7 @@ def build_task(root: Path, task: str, cfg: dict) -> None:
         int8_csv=str(t / "int8.csv"),
         int8_md=str(t / "int8.md"),
         windows_csv=str(t / "window_scores.csv"),
+        recovery_csv=str(t / "recovery_curves.csv"),
     )
     report.tables(inputs, outputs)
     pipeline.cka(r / "features", {"ff_out": r / "cka" / "ff_out.csv", "attn_out": r / "cka" / "attn_out.csv"})
@@ -340,6 +392,7 @@ def tree(tmp_path_factory):
         "config": config,
         "results": {t: figures.read_results(root / t / "tables" / "table9.csv") for t in tasks},
         "scores": {t: figures.read_window_scores(root / t / "tables" / "window_scores.csv") for t in tasks},
+        "curves": {t: figures.read_recovery_curves(root / t / "tables" / "recovery_curves.csv") for t in tasks},
         "first": {t: config["tasks"][t]["experiments"]["fractions"][0] for t in tasks},
     }
 
@@ -379,11 +432,18 @@ def test_tree_has_the_pipeline_layout_and_table_columns(tree):
         "test",
         "parameters",
         "param_reduction_%",
+        "repair_error",
+        "ft_budget",
     ]
     assert table.loc[0, ["fraction", "variant", "choice", "layers"]].tolist() == ["0", "base", "", ""]
     assert len(table) == 1 + len(compressed_models(tree["config"]["tasks"]["lm"]["experiments"]))
     post = _json(tree, "lm", "eval", "permute", "1of3", "best", "post.json")
     assert post["start"] == BEST["permute", "1/3"] and post["finetune"]["steps"] == 2
+    assert post["finetune"]["budget"] == {"unit": "tokens", "per_step": PER_STEP, "total": 2 * PER_STEP}
+    assert [point["seen"] for point in post["finetune"]["curve"]] == [0, PER_STEP, 2 * PER_STEP]
+    pre = _json(tree, "lm", "eval", "permute", "1of3", "best", "pre.json")
+    assert pre["repair"]["stacks"]["decoder"]["error_repaired"] == repair_error("permute", "1/3", 2)
+    assert _json(tree, "gpt2", "eval", "permute", "1of3", "best", "pre.json")["repair"] is None  # repair off
     assert list(tree["scores"]["lm"].columns) == [
         "variant",
         "fraction",
@@ -403,8 +463,8 @@ def test_tree_has_the_pipeline_layout_and_table_columns(tree):
 def test_figure2_ff_removed_lines(tree):
     fig, notes = figures.ff_removed_figure(tree["results"], titles={"lm": "lm (SmolLM2)"})
     lines = _lines(fig)
-    assert set(lines) == {"lm:vanilla", "lm:permute", "gpt2:permute"}
-    for method in ("vanilla", "permute"):
+    assert set(lines) == {"lm:vanilla", "lm:permute", "lm:ffdrop", "gpt2:permute"}
+    for method in ("vanilla", "permute", "ffdrop"):  # ffdrop deletes as many FF sublayers as the merges remove
         x, y = _xy(lines[f"lm:{method}"])
         assert x == [0, 2, 3]  # base, 1/3 of 6 FF blocks, 1/2 of 6
         assert y == [
@@ -416,8 +476,9 @@ def test_figure2_ff_removed_lines(tree):
         [0, 2],
         [base_score("gpt2", "post"), test_score("gpt2", "permute", "1/3", 2, "post")],
     )
-    assert any(n.startswith("gpt2: no vanilla") for n in notes)
+    assert any(n.startswith("gpt2: no vanilla") for n in notes) and any(n.startswith("gpt2: no ffdrop") for n in notes)
     assert any(n.startswith("droponly: no permute") for n in notes) and any("droponly: no vanilla" in n for n in notes)
+    assert lines["lm:ffdrop"].get_label() == "delete FF"
     assert not any(n.startswith("lm:") for n in notes)
     lm_ax, gpt2_ax, drop_ax = fig.axes
     assert lm_ax.get_title() == "lm (SmolLM2)" and gpt2_ax.get_title() == "gpt2"
@@ -430,7 +491,7 @@ def test_figure2_ff_removed_lines(tree):
 def test_figure3_params_removed_lines(tree):
     fig, notes = figures.params_removed_figure(tree["results"])
     lines = _lines(fig)
-    assert set(lines) == {"lm:permute", "lm:drop", "gpt2:permute", "gpt2:drop", "droponly:drop"}
+    assert set(lines) == {"lm:permute", "lm:drop", "lm:ffdrop", "gpt2:permute", "gpt2:drop", "droponly:drop"}
     # permute: 2 and 3 FF blocks tied away; drop: windows of 2 and 3 layers
     x, y = _xy(lines["lm:permute"])
     assert x == [0.0, reduction(1000), reduction(900)] == [0.0, 16.67, 25.0]
@@ -450,14 +511,32 @@ def test_figure3_params_removed_lines(tree):
         [0.0, 37.5],
         [base_score("droponly", "post"), test_score("droponly", "drop", "1/2", 2, "post")],
     )
-    assert notes == ["droponly: no permute results (not in experiments.methods?); its line is left out"]
+    # ffdrop deletes the FF sublayers the merge removes: the merge's parameter budget exactly, unlike drop
+    x, y = _xy(lines["lm:ffdrop"])
+    assert x == _xy(lines["lm:permute"])[0] == [0.0, 16.67, 25.0]
+    assert y == [
+        base_score("lm", "post"),
+        test_score("lm", "ffdrop", "1/3", BEST["ffdrop", "1/3"], "post"),
+        test_score("lm", "ffdrop", "1/2", BEST["ffdrop", "1/2"], "post"),
+    ]
+    assert [lines[f"lm:{m}"].get_label() for m in ("permute", "drop", "ffdrop")] == [
+        "merge (permute)",
+        "drop layers",
+        "delete FF sublayers",
+    ]
+    assert len({lines[f"lm:{m}"].get_color() for m in ("permute", "drop", "ffdrop")}) == 3
+    assert notes == [
+        "gpt2: no ffdrop results (not in experiments.methods?); its line is left out",
+        "droponly: no permute results (not in experiments.methods?); its line is left out",
+        "droponly: no ffdrop results (not in experiments.methods?); its line is left out",
+    ]
     assert [ax.get_xlabel() for ax in fig.axes] == ["% of total parameters removed"] * 3
 
 
 def test_figure10_window_scores_and_chosen_marker(tree):
     fig, notes = figures.window_scores_figure(tree["scores"], tree["first"])
     lines = _lines(fig)
-    expected = {("lm", s) for s in ("permute", "vanilla", "drop")} | {("gpt2", "permute"), ("gpt2", "drop")}
+    expected = {("lm", s) for s in ("permute", "vanilla", "drop", "ffdrop")} | {("gpt2", "permute"), ("gpt2", "drop")}
     expected |= {("droponly", "drop")}
     assert {tuple(g.split(":")[:2]) for g in lines} == expected
     for task, search in expected:
@@ -543,9 +622,151 @@ def test_save_figure_writes_png_and_pdf(tree, tmp_path):
     assert (tmp_path / "a" / "f.pdf").read_bytes()[:5] == b"%PDF-"
 
 
+def test_recovery_curves_csv_has_every_fine_tunes_curve(tree):
+    config = tree["config"]["tasks"]
+    for task, frame in tree["curves"].items():
+        models = compressed_models(config[task]["experiments"])
+        assert list(frame.columns) == report.RECOVERY_COLUMNS
+        # the fine-tuned base and every compressed model (random windows, anchors, both fractions): steps 0, 1, 2
+        keys = list(dict.fromkeys(zip(frame["variant"], frame["fraction"], frame["choice"], strict=True)))
+        assert keys == [("base", "0", ""), *[(v, parse_fraction_label(f), c) for v, f, c in models]]
+        assert frame["step"].tolist() == [0, 1, 2] * len(keys)
+        assert frame["seen"].tolist() == [0, PER_STEP, 2 * PER_STEP] * len(keys)
+        assert set(frame["unit"]) == {"tokens"} and set(frame["metric"]) == {"ppl"}
+    lm = tree["curves"]["lm"]
+    ffdrop = lm[(lm["variant"] == "ffdrop") & (lm["fraction"] == "1/2")]
+    before = valid_score("lm", "ffdrop", "1/2", BEST["ffdrop", "1/2"])
+    assert ffdrop["valid"].tolist() == [before, before - 0.5, before - 1.0]
+    assert ffdrop["train_loss"].isna().tolist() == [True, False, False]  # no training loss before step 1
+    assert ffdrop["train_loss"].iloc[1:].tolist() == [3.75, 3.5]
+    base = lm[lm["variant"] == "base"]
+    assert base["valid"].tolist() == [21.0, 20.5, 20.0]  # the base model's own curve, not a compressed one's
+    random1 = lm[(lm["variant"] == "permute") & (lm["choice"] == "random1")]
+    start = _json(tree, "lm", "eval", "permute", "1of3", "random1", "post.json")["start"]
+    assert random1["valid"].iloc[0] == valid_score("lm", "permute", "1/3", start)
+
+
+def test_recovery_curves_figure_draws_one_line_per_variant(tree):
+    fig, notes = figures.recovery_curves_figure(tree["curves"], tree["first"], titles={"lm": "lm (SmolLM2)"})
+    lines = _lines(fig)
+    lm = ["permute", "permute@middle", "permute@last", "vanilla", "drop", "ffdrop", "base"]
+    assert sorted(lines) == sorted(
+        [f"lm:{v}" for v in lm] + ["gpt2:permute", "gpt2:drop", "gpt2:base", "droponly:drop", "droponly:base"]
+    )
+    lm_ax, gpt2_ax, drop_ax = fig.axes
+    assert [line.get_gid() for line in lm_ax.get_lines()] == [f"lm:{v}" for v in lm]  # the random windows are not
+    for variant in lm[:-1]:  # first fraction (1/3), best window
+        method, _ = split_variant(variant)
+        before = valid_score("lm", method, "1/3", BEST[method, "1/3"])
+        assert _xy(lines[f"lm:{variant}"]) == ([0.0, PER_STEP, 2.0 * PER_STEP], [before, before - 0.5, before - 1.0])
+    assert _xy(lines["droponly:drop"])[1][0] == valid_score("droponly", "drop", "1/2", 2)  # its first fraction: 1/2
+    assert lines["lm:base"].get_linestyle() == "--" and lines["lm:permute"].get_linestyle() == "-"
+    assert _xy(lines["gpt2:base"]) == ([0.0, PER_STEP, 2.0 * PER_STEP], [21.0, 20.5, 20.0])
+    assert lines["lm:ffdrop"].get_label() == "delete FF sublayers"
+    assert lines["lm:permute@middle"].get_color() == lines["lm:permute"].get_color()
+    assert len({lines[f"lm:{m}"].get_color() for m in figures.SEARCH_ORDER}) == 4
+    assert lm_ax.get_yscale() == "log" and lm_ax.get_xlabel() == "tokens seen in fine-tuning"
+    assert "perplexity" in lm_ax.get_ylabel() and lm_ax.get_title() == "lm (SmolLM2): recovery at 1/3"
+    assert drop_ax.get_title() == "droponly: recovery at 1/2"
+    assert [n.split(" (")[0] for n in notes] == [
+        "gpt2: no vanilla recovery curve at 1/3",
+        "gpt2: no ffdrop recovery curve at 1/3",
+        "droponly: no permute recovery curve at 1/2",
+        "droponly: no vanilla recovery curve at 1/2",
+        "droponly: no ffdrop recovery curve at 1/2",
+    ]
+
+
+def test_recovery_curves_figure_without_curves_or_base(tree, tmp_path):
+    # result files from before curves were recorded: the tables rule writes a header-only CSV
+    old = {"metric": "ppl", "test": 1.0, "variant": "permute", "fraction": "1/3", "choice": "best"}
+    report.recovery_curves(old | {"finetune": {"steps": 2}}, [old]).to_csv(tmp_path / "old.csv", index=False)
+    empty = figures.read_recovery_curves(tmp_path / "old.csv")
+    without_base = tree["curves"]["lm"][tree["curves"]["lm"]["variant"] != "base"]
+    fig, notes = figures.recovery_curves_figure({"old": empty, "lm": without_base}, {"old": "1/3", "lm": "1/3"})
+    assert empty.empty and list(empty.columns) == report.RECOVERY_COLUMNS
+    assert set(_lines(fig)) == {f"lm:{v}" for v in ("permute", "permute@middle", "permute@last", "vanilla", "drop")} | {
+        "lm:ffdrop"
+    }
+    assert [n.split(" (")[0] for n in notes] == ["old: no recovery curves", "lm: no fine-tuned base curve"]
+    assert fig.axes[0].get_lines() == []
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Tables
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def test_table9_lists_ffdrop_with_the_ff_sublayers_it_deletes(tree):
+    table = tree["results"]["lm"]
+    ffdrop = table[table["variant"] == "ffdrop"]
+    assert ffdrop["fraction"].tolist() == ["1/3", "1/2"] and set(ffdrop["choice"]) == {"best"}
+    # 1/3 and 1/2 of 6 FF sublayers, as many as the merges of the same fraction remove (windows of 3 and 4 layers)
+    assert ffdrop["ffs_removed"].tolist() == [2, 3]
+    merged = table[(table["variant"] == "permute") & (table["choice"] == "best")]
+    assert merged["ffs_removed"].tolist() == [2, 3]
+    assert ffdrop["param_reduction_%"].tolist() == merged["param_reduction_%"].tolist() == [16.67, 25.0]
+    assert ffdrop["layers"].tolist() == ["0-1", "3-5"]  # the deleted FF sublayers' window
+    assert ffdrop["test"].tolist() == [
+        test_score("lm", "ffdrop", "1/3", 0, "post"),
+        test_score("lm", "ffdrop", "1/2", 3, "post"),
+    ]
+
+
+def test_table9_repair_error_and_budget_columns(tree, tmp_path):
+    lm = tree["results"]["lm"]
+    rows = {(r.variant, r.fraction, r.choice): r for r in lm.itertuples()}
+    # lm repairs its merges: error_repaired of each model's own pre.json, printed with 3 significant digits
+    assert rows["permute", "1/3", "best"].repair_error == "0.188"  # 0.0625 * (2 + 1)
+    assert rows["vanilla", "1/3", "best"].repair_error == "0.375"
+    assert rows["permute@last", "1/3", "best"].repair_error == "0.281"
+    for key, row in rows.items():
+        variant, fraction, choice = key
+        if variant in ("base", "drop", "ffdrop"):  # nothing merged, nothing repaired
+            assert row.repair_error == "", key
+        else:
+            start = _json(tree, "lm", "eval", variant, fraction_label(fraction), choice, "pre.json")["start"]
+            assert row.repair_error == f"{repair_error(variant, fraction, start):.3g}", key
+    assert set(tree["results"]["gpt2"]["repair_error"]) == {""}  # repair off
+    # every fine-tune (the base's too) had 2 steps of PER_STEP tokens
+    for frame in tree["results"].values():
+        assert set(frame["ft_budget"]) == {"2,560 tokens"}
+    # Table 9 of all tasks keeps the columns, at the end, and prints them as written (not as rounded numbers)
+    frame, _ = figures.combined_table(tree["results"], "results")
+    assert list(frame.columns[-3:]) == ["param_reduction_%", "repair_error", "ft_budget"]
+    figures.write_report_table(frame, [], tmp_path / "t.csv", tmp_path / "t.md", tmp_path / "t.html", "Table 9")
+    md = (tmp_path / "t.md").read_text()
+    assert "| 0.188 " in md and "2,560 tokens" in md and "| 0.19 " not in md
+    assert "0.188" in (tree["root"] / "lm" / "tables" / "table9.md").read_text()
+
+
+def test_table9_new_columns_empty_for_old_result_files():
+    old_size = {"parameters": 900, "ff_blocks_removed": 2}
+    base = {"metric": "ppl", "test": 20.0, "test_before_ft": 22.0, "size": {"parameters": 1200}}
+    base |= {"finetune": {"best_valid": 1.0, "best_step": 2, "steps": 4, "resumed_from": None}}
+    old = {
+        "metric": "ppl",
+        "test": 25.0,
+        "test_before_ft": 40.0,
+        "size": old_size,
+        "variant": "permute",
+        "fraction": "1/3",
+        "choice": "best",
+        "windows": {"decoder": [1, 3]},
+        "finetune": base["finetune"],
+    }
+    stacks = {
+        "encoder": {"error_merged": 0.9, "error_repaired": 0.41},
+        "decoder": {"error_merged": 0.8, "error_lstsq": 0.7, "error_repaired": 0.52},
+    }
+    new = old | {
+        "repair": {"config": {}, "stacks": stacks},
+        "finetune": old["finetune"] | {"budget": {"unit": "sentence pairs", "per_step": 32, "total": 1600}},
+    }
+    table = report.results_table(base, [old, old | {"repair": None}, new])
+    assert table["repair_error"].tolist() == ["", "", "", "encoder 0.41; decoder 0.52"]
+    assert table["ft_budget"].tolist() == ["", "", "", "1,600 sentence pairs"]
+    assert table["ffs_removed"].tolist() == [0, 2, 2, 2]
 
 
 def test_window_start_reads_report_layers_text():
@@ -679,7 +900,7 @@ def test_paper_comparison_pairs_cells_and_marks_offline_rows(tree):
     # main results only: base and every method x fraction with the chosen window; no anchors, no random windows
     assert list(rows) == [
         ("lm", "base", "0"),
-        *[("lm", m, f) for f in ("1/3", "1/2") for m in ("permute", "vanilla", "drop")],
+        *[("lm", m, f) for f in ("1/3", "1/2") for m in ("permute", "vanilla", "drop", "ffdrop")],
         ("gpt2", "base", "0"),
         ("gpt2", "permute", "1/3"),
         ("gpt2", "drop", "1/3"),
@@ -762,7 +983,7 @@ def test_builders_accept_no_tasks_and_tasks_without_results(tree):
     only_base = tree["results"]["lm"].iloc[:1]
     for (fig, notes), expected in [
         (figures.ff_removed_figure({}), 0),
-        (figures.params_removed_figure({"x": only_base}), 2),  # neither permute nor drop
+        (figures.params_removed_figure({"x": only_base}), 3),  # neither permute nor drop nor ffdrop
         (figures.window_scores_figure({"x": tree["scores"]["lm"].iloc[:0]}, {"x": "1/3"}), 1),
     ]:
         assert len(fig.axes) == 1 and _lines(fig) == {} and len(notes) == expected
@@ -780,6 +1001,7 @@ REPORT_RULES = {
     "figure_ff_removed": "figure_ff_removed.py",
     "figure_params_removed": "figure_params_removed.py",
     "figure_window_scores": "figure_window_scores.py",
+    "figure_recovery_curves": "figure_recovery_curves.py",
     "figure_cka": "figure_cka.py",
     "table_windows": "report_windows.py",
     "table_anchors": "report_anchors.py",
@@ -804,12 +1026,18 @@ def test_report_rules(tmp_path):
         pytest.skip(str(err))
     wanted = {str(f) for f in wf.get_rule("all").input}
     results = tmp_path / "results"
-    for name in ("figure2_ff_removed", "figure3_params_removed", "figure10_window_scores"):
+    for name in ("figure2_ff_removed", "figure3_params_removed", "figure10_window_scores", "recovery_curves"):
         assert {str(results / "report" / f"{name}.{ext}") for ext in ("png", "pdf")} <= wanted
     for name in ("table2_windows", "table3_anchors", "table4_int8", "table9_results", "paper_comparison"):
         assert {str(results / "report" / f"{name}.{ext}") for ext in ("csv", "md", "html")} <= wanted
     for kind in ("ff_out", "attn_out"):
         assert {str(results / "lm" / "figures" / f"cka_{kind}.{ext}") for ext in ("png", "pdf")} <= wanted
+    # the recovery curves: one CSV per task from the tables rule, read by the figure rule
+    curves = str(results / "{task}" / "tables" / "recovery_curves.csv")
+    assert re.sub(r"\{task,[^}]*\}", "{task}", str(wf.get_rule("tables").output.recovery_csv)) == curves
+    assert [str(f) for f in wf.get_rule("figure_recovery_curves").input.curves] == [
+        curves.format(task=t) for t in wf.config["tasks"]
+    ]
     for name, script in REPORT_RULES.items():
         rule = wf.get_rule(name)
         assert rule.log and Path(str(rule.conda_env)).name == "report.yaml", name

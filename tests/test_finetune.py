@@ -376,9 +376,13 @@ def test_run_finetune_deletes_the_resume_state_once_the_model_is_saved_unless_ke
     class Task:
         auto_class = "AutoModelForCausalLM"
         higher_is_better = False
+        budget_unit = "tokens"
 
         def training(self, data_dir, device):
             return causal_lm_loss, lambda step: {}
+
+        def examples_per_step(self):
+            return 128
 
     def fake_finetune(model, *, work_dir, config, **kwargs):
         assert config.max_steps == cfg["finetune"]["max_steps"]

@@ -508,6 +508,7 @@ def test_compress_and_finetune_record_what_evaluate_measures_on_the_saved_model(
         checkpoint_every=2,
         fp16=False,
         keep_state=False,
+        distill={"weight": 0.0, "temperature": 1.0},
     )
     model, data, selection = tmp_path / "model", tmp_path / "data", tmp_path / "selection.json"
     features = None if variant == "drop" else tmp_path / "features"

@@ -222,7 +222,7 @@ def test_wildcard_constraints_accept_every_planned_model(snakemake_workflow):
     constraints = snakemake_workflow.wildcard_constraints
     grid = {
         "fractions": ["1/3", "1/2", "14/15", "all-but-one"],
-        "methods": ["permute", "vanilla", "drop"],
+        "methods": ["permute", "vanilla", "drop", "ffdrop"],
         "anchors": ["first", "middle", "last"],
         "random_windows": 12,
     }
@@ -272,7 +272,7 @@ def test_validation_fills_a_whole_missing_block(default_config):
     task = _validated(default_config)["tasks"]["lm"]
     assert task["experiments"] == {
         "fractions": ["1/3", "1/2", "all-but-one"],
-        "methods": ["permute", "vanilla", "drop"],
+        "methods": ["permute", "vanilla", "drop", "ffdrop"],
         "anchors": ["first", "middle", "last"],
         "random_windows": 3,
         "int8": True,
@@ -616,6 +616,7 @@ PER_RUN = dict.fromkeys(
         "figure_ff_removed",
         "figure_params_removed",
         "figure_window_scores",
+        "figure_recovery_curves",
         "table_windows",
         "table_anchors",
         "table_int8",
@@ -641,7 +642,7 @@ def test_dry_run_of_the_default_config(dry_runs):
     expected = _expected_counts(_validated(_load_yaml(DEFAULT_CONFIG)))
     assert counts == expected | {"total": sum(expected.values())}
     # three tasks; the speech model's 4 layers leave room for 2 random windows only
-    assert counts["compress"] == 14 + 14 + 13 and counts["select_window"] == 3 * 9 and counts["fit_head"] == 1
+    assert counts["compress"] == 17 + 17 + 16 and counts["select_window"] == 3 * 12 and counts["fit_head"] == 1
     # the default searches in process (no per-window candidate jobs); the vision backbone gets its head first
     assert "candidate" not in counts
     assert "checkpoint" in output.lower()
@@ -765,8 +766,8 @@ def test_fraction_labels_and_variants():
 def test_compressed_models_of_the_default_experiments(default_config):
     exp = _validated(default_config)["tasks"]["lm"]["experiments"]
     models = compressed_models(exp)
-    assert len(models) == len(set(models)) == 14
-    best = {(m, f, "best") for f in ["1of3", "1of2", "all-but-one"] for m in ["permute", "vanilla", "drop"]}
+    assert len(models) == len(set(models)) == 17
+    best = {(m, f, "best") for f in ["1of3", "1of2", "all-but-one"] for m in ["permute", "vanilla", "drop", "ffdrop"]}
     anchors = {("permute@middle", "1of3", "best"), ("permute@last", "1of3", "best")}
     randoms = {("permute", "1of3", f"random{i}") for i in range(3)}
     assert set(models) == best | anchors | randoms
@@ -1012,6 +1013,7 @@ def finished_task(tmp_path):
         int8_csv=str(out / "int8.csv"),
         int8_md=str(out / "int8.md"),
         windows_csv=str(out / "window_scores.csv"),
+        recovery_csv=str(out / "recovery_curves.csv"),
     )
     report.tables(inputs, outputs)
     return out
@@ -1028,6 +1030,8 @@ TABLE9_COLUMNS = [
     "test",
     "parameters",
     "param_reduction_%",
+    "repair_error",
+    "ft_budget",
 ]
 
 
@@ -1064,6 +1068,10 @@ def test_table9_rows_columns_and_numbers(finished_task):
     )
     markdown = (finished_task / "table9.md").read_text()
     assert markdown.count("\n") == len(table) + 2 and "param_reduction_%" in markdown and "16.67" in markdown
+    # files written before repairs, budgets and curves were recorded: empty cells, a header-only curves table
+    assert set(table["repair_error"]) == {""} and set(table["ft_budget"]) == {""}
+    curves = pd.read_csv(finished_task / "recovery_curves.csv")
+    assert curves.empty and list(curves.columns) == report.RECOVERY_COLUMNS
 
 
 def test_int8_table(finished_task):

@@ -17,4 +17,5 @@ with snakemake_job(snakemake):
         snakemake.output.model,
         snakemake.params.device,
         eval_json=snakemake.output.eval,
+        teacher_dir=snakemake.input.teacher,
     )

@@ -5,8 +5,9 @@ layers by value would make the files as large as the original. Our folder format
 
 - ``config.json`` (and ``generation_config.json``): the model's own transformers config;
 - ``ffmerge.safetensors``: every distinct tensor once, under its first (canonical) name;
-- ``ffmerge_ties.json``: the architecture class and the tie map: which modules and parameters are the same
-  object as a canonical one.
+- ``ffmerge_ties.json``: the architecture class, the tie map (which modules and parameters are the same
+  object as a canonical one) and the FF sublayers deleted outright (:mod:`ffmerge.ffdrop`), which the config
+  cannot describe and which are deleted again before the tensors load.
 
 There is deliberately no ``model.safetensors``: a plain ``from_pretrained`` on this folder fails with
 "no file named model.safetensors" instead of silently initialising the missing tied layers at random.
@@ -28,6 +29,7 @@ from transformers.initialization import no_init_weights
 
 from .adapters import get_submodule, set_submodule
 from .atomic import atomic_output_dir
+from .ffdrop import delete_ff, deleted_ff
 
 WEIGHTS = "ffmerge.safetensors"
 TIES = "ffmerge_ties.json"
@@ -84,6 +86,7 @@ def save_compressed(model: nn.Module, path: str | Path, extra: dict[str, Any] | 
         "format_version": FORMAT_VERSION,
         "architecture": type(model).__name__,
         "ties": ties,
+        "deleted_ff": deleted_ff(model),
         "extra": extra or {},
     }
     with atomic_output_dir(path, TIES) as tmp:
@@ -139,6 +142,7 @@ def load_compressed(path: str | Path, *, device: str | torch.device = "cpu", dty
     with no_init_weights():
         model = cls._from_config(config, dtype=dtype) if dtype is not None else cls._from_config(config)
     model.tie_weights(recompute_mapping=False)
+    delete_ff(model, meta.get("deleted_ff", {}))
     apply_ties(model, meta["ties"])
     try:
         stored = load_file(str(path / WEIGHTS))

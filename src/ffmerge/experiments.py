@@ -3,7 +3,8 @@
 Vocabulary used in paths and tables:
 - fraction: share of FF sublayers removed, "1/3", "1/2" or "all-but-one"; written "1of3", "1of2" in paths.
 - variant: "permute" or "vanilla" (merge, anchor first), "permute@middle" / "permute@last" (anchor ablation),
-  "drop" (remove whole layers), "base" (uncompressed).
+  "drop" (remove whole layers), "ffdrop" (delete FF sublayers only, the merge's exact-budget control),
+  "base" (uncompressed).
 - choice: "best" (sliding-window search on validation) or "randomN" (the paper's random-window control).
 """
 
@@ -14,6 +15,7 @@ from fractions import Fraction
 
 ALL_BUT_ONE = "all-but-one"
 MERGE_METHODS = ("permute", "vanilla")
+DELETE_METHODS = ("drop", "ffdrop")
 
 
 def fraction_label(fraction: str) -> str:
@@ -42,9 +44,9 @@ def split_variant(variant: str) -> tuple[str, str]:
 
 
 def window_size(method: str, n_layers: int, fraction: str) -> int:
-    """Layers a window covers: merging k layers removes k-1 FF blocks; dropping removes the window itself."""
+    """Layers a window covers: merging k layers removes k-1 FF blocks; deleting removes the window itself."""
     removed = removed_count(n_layers, fraction)
-    return removed if method == "drop" else removed + 1
+    return removed if method in DELETE_METHODS else removed + 1
 
 
 def window_starts(method: str, layers: dict[str, int], fraction: str) -> list[int]:

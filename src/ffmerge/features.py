@@ -8,7 +8,9 @@ never gathered in RAM.
 Kinds of features:
 - ``pre``: the FF features just before the activation (the paper's alignment features). For gated MLPs the
   mode chooses the gate output, the up output or their product (the down projection's input).
-- ``ff_out``: the FF sublayer's output before the residual add (for CKA).
+- ``ff_in``: the FF sublayer's input (after its pre-FF norm), the inputs of the block reconstruction that
+  repairs a merge (:mod:`ffmerge.repair`).
+- ``ff_out``: the FF sublayer's output before the residual add (for CKA, and the repair's targets).
 - ``attn_out``: the attention sublayer's output before the residual add (for CKA).
 
 Only positions whose ``token_mask`` is true are kept, so padding never counts towards the budget.
@@ -33,7 +35,7 @@ from tqdm.auto import tqdm
 from .adapters import ModelAdapter, get_adapter
 from .atomic import atomic_output_dir
 
-KINDS = ("pre", "ff_out", "attn_out")
+KINDS = ("pre", "ff_in", "ff_out", "attn_out")
 _DTYPES = {"float16": (torch.float16, "F16"), "float32": (torch.float32, "F32")}
 MANIFEST = "manifest.json"
 
@@ -129,6 +131,7 @@ def _hook_points(
             modules = adapter.ff_modules(model, spec.name, i)
             targets = {
                 "pre": _feature_module(modules, feature),
+                "ff_in": (modules[spec.ff_in[0][0]], True),
                 "ff_out": (modules["out"], False),
                 "attn_out": (adapter.attn_out_module(model, spec.name, i), False),
             }

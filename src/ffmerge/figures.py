@@ -2,15 +2,19 @@
 
 Inputs are the files the workflow already writes: each task's ``tables/table9.csv`` (every evaluated model after
 fine-tuning, with sizes), ``tables/window_scores.csv`` (every window's validation score before fine-tuning),
-``tables/int8.csv`` and ``cka/{ff_out,attn_out}.csv``; the paper's published numbers come from
+``tables/int8.csv``, ``tables/recovery_curves.csv`` (every fine-tune's validation curve) and
+``cka/{ff_out,attn_out}.csv``; the paper's published numbers come from
 ``data/paper_results.yaml``. Each builder takes DataFrames keyed by task name (in config order) and returns the
 figure or table together with ``notes``: one line per experiment the config did not run (no vanilla merge, no
 random windows, int8 off, ...), whose series or rows are left out instead of failing.
 
-- Figure 2  ``ff_removed_figure``: metric after fine-tuning vs FF sublayers removed, vanilla vs permute.
-- Figure 3  ``params_removed_figure``: metric after fine-tuning vs % of parameters removed, merging vs dropping.
+- Figure 2  ``ff_removed_figure``: metric after fine-tuning vs FF sublayers removed, vanilla vs permute (and
+  ffdrop, deleting the same FF sublayers, where configured).
+- Figure 3  ``params_removed_figure``: metric after fine-tuning vs % of parameters removed, merging vs dropping
+  layers vs deleting FF sublayers (ffdrop).
 - Figure 5/6 ``cka_figure``: linear-CKA heatmap of FF outputs / attention outputs across layers.
 - Figure 10 ``window_scores_figure``: validation metric of every window start before fine-tuning, chosen marked.
+- ``recovery_curves_figure``: validation metric during recovery fine-tuning vs examples seen, per variant.
 - Table 2  ``windows_table``: best pre-fine-tuning window vs random windows, after fine-tuning.
 - Table 3  ``anchors_table``: merge anchor first / middle / last, after fine-tuning.
 - Table 4 / 9 ``combined_table``: the per-task int8 / results tables stacked with a task column.
@@ -40,6 +44,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .experiments import split_variant
+from .report import VERBATIM_COLUMNS, verbatim_positions
 
 # metric name in the result files -> (axis label, higher is better)
 METRICS: dict[str, tuple[str, bool]] = {
@@ -49,8 +54,18 @@ METRICS: dict[str, tuple[str, bool]] = {
     "wer": ("word error rate (%)", False),
 }
 ANCHORS = ("first", "middle", "last")
-SEARCH_ORDER = ("permute", "vanilla", "drop")
-PALETTE = dict(zip(SEARCH_ORDER, sns.color_palette("colorblind", 3), strict=True))
+# every method of experiments.methods, in the order figures list them; each its own colour (room for all four)
+SEARCH_ORDER = ("permute", "vanilla", "drop", "ffdrop")
+PALETTE = dict(zip(SEARCH_ORDER, sns.color_palette("colorblind", len(SEARCH_ORDER)), strict=True))
+# legend text where the method's name alone does not say what it removes
+SHORT_LABELS = {"ffdrop": "delete FF"}
+LONG_LABELS = {
+    "permute": "merge (permute)",
+    "vanilla": "merge (vanilla)",
+    "drop": "drop layers",
+    "ffdrop": "delete FF sublayers",
+}
+ANCHOR_STYLES = {"first": "-", "middle": ":", "last": "-."}
 STYLE = "whitegrid"
 
 Notes = list[str]
@@ -63,9 +78,20 @@ Notes = list[str]
 
 def read_results(path: str | Path) -> pd.DataFrame:
     """A task's ``tables/table9.csv`` (``ffmerge.report.results_table``) with text columns kept as text."""
-    text = {"fraction": str, "variant": str, "choice": str, "layers": str, "metric": str}
+    text = {column: str for column in ("fraction", "variant", "choice", "layers", "metric", *VERBATIM_COLUMNS)}
     frame = pd.read_csv(path, dtype=text)
-    for column in ("choice", "layers"):
+    for column in ("choice", "layers", *VERBATIM_COLUMNS):
+        if column in frame:  # tables written before the repair and budget columns lack them
+            frame[column] = frame[column].fillna("")
+    return frame
+
+
+def read_recovery_curves(path: str | Path) -> pd.DataFrame:
+    """A task's ``tables/recovery_curves.csv`` (``ffmerge.report.recovery_curves``); header only when no
+    post.json recorded a curve."""
+    text = {"variant": str, "fraction": str, "choice": str, "metric": str, "unit": str}
+    frame = pd.read_csv(path, dtype=text)
+    for column in ("choice", "unit"):
         frame[column] = frame[column].fillna("")
     return frame
 
@@ -195,7 +221,10 @@ def ff_removed_figure(
     results: Mapping[str, pd.DataFrame], titles: Mapping[str, str] | None = None
 ) -> tuple[Figure, Notes]:
     """Figure 2: test metric after fine-tuning against the number of FF sublayers removed, one line per merge
-    method (vanilla, permute; best window), one panel per task. Each line starts at the base model (0 removed)."""
+    method (vanilla, permute; best window), one panel per task. Each line starts at the base model (0 removed).
+
+    ffdrop deletes exactly the FF sublayers a merge of the same fraction removes, so its line sits at the same
+    x and shows what the merge buys over plain deletion; it is drawn where the config ran it."""
     fig, axes = _panels(len(results))
     notes: Notes = []
     for ax, (task, frame) in zip(axes, results.items(), strict=False):
@@ -204,7 +233,7 @@ def ff_removed_figure(
             notes.append(f"{task}: no base row in Table 9; lines start at the first compressed model")
         ticks: dict[int, str] = {0: "0\nbase"} if base is not None else {}
         values: list[float] = []
-        for method in ("vanilla", "permute"):
+        for method in ("vanilla", "permute", "ffdrop"):
             rows = _best_rows(frame, method).sort_values("ffs_removed", kind="stable")
             if rows.empty:
                 notes.append(f"{task}: no {method} results (not in experiments.methods?); its line is left out")
@@ -213,14 +242,15 @@ def ff_removed_figure(
             y = [float(v) for v in rows["test"]]
             if base is not None:
                 x, y = [0, *x], [float(base["test"]), *y]
-            ax.plot(x, y, marker="o", label=method, color=PALETTE[method], gid=f"{task}:{method}")
+            label = SHORT_LABELS.get(method, method)
+            ax.plot(x, y, marker="o", label=label, color=PALETTE[method], gid=f"{task}:{method}")
             values += y
             ticks.update({int(r.ffs_removed): f"{int(r.ffs_removed)}\n{r.fraction}" for r in rows.itertuples()})
         if not values:
             _empty_panel(ax, "no merge results")
         else:
             ax.set_xticks(sorted(ticks), [ticks[k] for k in sorted(ticks)])
-            ax.legend(title="merge", fontsize=8)
+            ax.legend(title="method", fontsize=8)
             _log_scale_if_wide(ax, _metric_of(frame), values)
         ax.set_title(_title(task, titles), fontsize=10)
         ax.set_xlabel("FF sublayers removed")
@@ -233,10 +263,14 @@ def params_removed_figure(
     results: Mapping[str, pd.DataFrame], titles: Mapping[str, str] | None = None
 ) -> tuple[Figure, Notes]:
     """Figure 3: test metric after fine-tuning against % of the model's parameters removed, merging (permute,
-    best window) vs layer dropping (best window), one panel per task; both lines start at the base model (0 %)."""
+    best window) vs layer dropping vs deleting FF sublayers (ffdrop), each with its best window, one panel per
+    task; every line starts at the base model (0 %).
+
+    Dropping whole layers removes attention too, so it reaches a fraction with more parameters gone than the
+    merge; ffdrop removes the merge's FF sublayers and nothing else, the same parameter budget."""
     fig, axes = _panels(len(results))
     notes: Notes = []
-    series = {"permute": "merge (permute)", "drop": "drop layers"}
+    series = {method: LONG_LABELS[method] for method in ("permute", "drop", "ffdrop")}
     for ax, (task, frame) in zip(axes, results.items(), strict=False):
         base = _base_row(frame)
         if base is None:
@@ -254,7 +288,7 @@ def params_removed_figure(
             ax.plot(x, y, marker="o", label=label, color=PALETTE[variant], gid=f"{task}:{variant}")
             values += y
         if not values:
-            _empty_panel(ax, "no merge or drop results")
+            _empty_panel(ax, "no merge, drop or ffdrop results")
         else:
             ax.legend(fontsize=8)
             _log_scale_if_wide(ax, _metric_of(frame), values)
@@ -271,7 +305,8 @@ def window_scores_figure(
     titles: Mapping[str, str] | None = None,
 ) -> tuple[Figure, Notes]:
     """Figure 10: validation metric before fine-tuning of every window start at the task's first fraction, one
-    line per search (permute, vanilla, drop), the chosen (best) start marked with a star; one panel per task."""
+    line per search (permute, vanilla, drop, ffdrop), the chosen (best) start marked with a star; one panel per
+    task."""
     fig, axes = _panels(len(scores))
     notes: Notes = []
     for ax, (task, frame) in zip(axes, scores.items(), strict=False):
@@ -291,7 +326,7 @@ def window_scores_figure(
                 full["start"].tolist(),
                 full["valid"].astype(float).tolist(),
                 marker=".",
-                label=search,
+                label=SHORT_LABELS.get(search, search),
                 color=color,
                 gid=f"{task}:{search}",
             )
@@ -335,6 +370,105 @@ def window_scores_figure(
         ax.set_title(f"{_title(task, titles)}: windows at {fraction}", fontsize=10)
         ax.set_xlabel("window start (first layer)")
         ax.set_ylabel(f"validation {metric_label(_metric_of(at))}\nbefore fine-tuning")
+    _finish(fig, notes)
+    return fig, notes
+
+
+def _curve_order(variants: Iterable[str]) -> list[str]:
+    """Methods in :data:`SEARCH_ORDER`, each followed by its anchor ablations, then anything else by name."""
+    present = set(variants)
+
+    def key(variant: str) -> tuple[int, int, str]:
+        method, anchor = split_variant(variant)
+        rank = SEARCH_ORDER.index(method) if method in SEARCH_ORDER else len(SEARCH_ORDER)
+        return rank, ANCHORS.index(anchor) if anchor in ANCHORS else len(ANCHORS), variant
+
+    return sorted(present, key=key)
+
+
+def _curve_label(variant: str) -> str:
+    method, anchor = split_variant(variant)
+    label = LONG_LABELS.get(method, method)
+    return label if "@" not in variant else f"{label}, anchor {anchor}"
+
+
+def recovery_curves_figure(
+    curves: Mapping[str, pd.DataFrame],
+    first_fractions: Mapping[str, str],
+    titles: Mapping[str, str] | None = None,
+) -> tuple[Figure, Notes]:
+    """Recovery curves: validation metric during recovery fine-tuning against the examples seen (in the task's
+    budget unit), at the task's first fraction with the best window, one line per variant (methods and anchor
+    ablations) and the fine-tuned base model as a dashed reference; one panel per task.
+
+    Figures 2 and 3 show where fine-tuning ends; this shows how fast each compressed model gets there (step 0 is
+    the model before fine-tuning), which tells whether a longer budget would change the ranking."""
+    fig, axes = _panels(len(curves))
+    notes: Notes = []
+    for ax, (task, frame) in zip(axes, curves.items(), strict=False):
+        fraction = first_fractions[task]
+        metric = _metric_of(frame)
+        ax.set_title(f"{_title(task, titles)}: recovery at {fraction}", fontsize=10)
+        if frame.empty:
+            notes.append(
+                f"{task}: no recovery curves (post.json files written before finetune.curve was recorded?); "
+                "panel left empty"
+            )
+            _empty_panel(ax, "no recovery curves")
+            continue
+        at = frame[(frame["fraction"] == fraction) & (frame["choice"] == "best") & (frame["variant"] != "base")]
+        variants = _curve_order(at["variant"])
+        for method in SEARCH_ORDER:
+            if method not in variants:
+                notes.append(
+                    f"{task}: no {method} recovery curve at {fraction} (not in experiments.methods, or its "
+                    "post.json has no finetune.curve); its line is left out"
+                )
+        values: list[float] = []
+        for variant in variants:
+            rows = at[at["variant"] == variant].sort_values("step", kind="stable")
+            method, anchor = split_variant(variant)
+            y = rows["valid"].astype(float).tolist()
+            ax.plot(
+                rows["seen"].astype(float).tolist(),
+                y,
+                marker="o",
+                markersize=3,
+                linestyle=ANCHOR_STYLES.get(anchor, "-"),
+                label=_curve_label(variant),
+                color=PALETTE.get(method),
+                gid=f"{task}:{variant}",
+            )
+            values += y
+        base = frame[frame["variant"] == "base"].sort_values("step", kind="stable")
+        if base.empty:
+            notes.append(
+                f"{task}: no fine-tuned base curve (finetune_baseline off, or eval/base/post.json has no "
+                "finetune.curve); its reference line is left out"
+            )
+        else:
+            y = base["valid"].astype(float).tolist()
+            ax.plot(
+                base["seen"].astype(float).tolist(),
+                y,
+                linestyle="--",
+                color="dimgray",
+                label="base (fine-tuned)",
+                gid=f"{task}:base",
+            )
+            values += y
+        if not values:
+            _empty_panel(ax, f"no curves at {fraction}")
+            continue
+        ax.legend(fontsize=7)
+        finite = [v for v in values if np.isfinite(v)]
+        if metric == "ppl" and finite and min(finite) > 0:  # right after compression ppl can be 100x the end
+            ax.set_yscale("log")
+        units = sorted({u for u in pd.concat([at["unit"], base["unit"]]) if u})
+        ax.set_xlabel(f"{' / '.join(units) or 'examples'} seen in fine-tuning")
+        name, higher = METRICS.get(metric, (metric, None))
+        better = "" if higher is None else f"\n({'higher' if higher else 'lower'} is better)"
+        ax.set_ylabel(f"validation {name}{better}")
     _finish(fig, notes)
     return fig, notes
 
@@ -672,7 +806,12 @@ def write_report_table(
     if md:
         shown = frame.astype(object).where(frame.notna(), None)  # tabulate prints None, not NaN, as missingval
         floatfmt = tuple(".4f" if column == "ratio" else ".2f" for column in frame.columns)
-        table = shown.to_markdown(index=False, floatfmt=floatfmt, missingval="") if len(frame) else "(no rows)"
+        verbatim = verbatim_positions(frame.columns)
+        table = (
+            shown.to_markdown(index=False, floatfmt=floatfmt, missingval="", disable_numparse=verbatim)
+            if len(frame)
+            else "(no rows)"
+        )
         parts = [
             f"## {title}\n\n" if title else "",
             table + "\n",

@@ -91,6 +91,10 @@ class FinetuneConfig:
     device: str | None = None
     higher_is_better: bool = False
     patience: int | None = None
+    # the caller's loss mixes in distillation with these (distillation_loss); recorded here so that resuming with
+    # another distillation recipe is refused like any other change of recipe
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0
     # False: no resume state is written once training is over (the caller saves the model and deletes the
     # state anyway); an interrupted run still resumes from the last checkpoint before that
     save_final_state: bool = True
@@ -493,6 +497,48 @@ def _step_seed(seed: int, step: int) -> int:
     return int(np.random.SeedSequence((seed, step)).generate_state(1, dtype=np.uint64)[0])
 
 
+TrainingOutputs = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+"""(task loss, logits, mask of the logit positions that count or None for all): what distillation needs."""
+
+
+def causal_lm_outputs(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> TrainingOutputs:
+    """Next-token cross-entropy (Hugging Face causal LMs shift the labels themselves) and every position's logits."""
+    out = model(input_ids=batch["input_ids"], labels=batch["input_ids"])
+    return out.loss, out.logits, None
+
+
 def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy; Hugging Face causal LMs shift the labels themselves."""
-    return model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+    """Mean next-token cross-entropy."""
+    return causal_lm_outputs(model, batch)[0]
+
+
+def distillation_loss(
+    outputs: Callable[[nn.Module, Any], TrainingOutputs],
+    teacher: nn.Module,
+    *,
+    weight: float,
+    temperature: float = 1.0,
+) -> Callable[[nn.Module, Any], torch.Tensor]:
+    """``(1 - weight) * task loss + weight * T^2 * KL(teacher || student)`` at temperature ``T``.
+
+    Recovery from a merge has to relearn what the uncompressed model already computes; its output
+    distributions over every position (next-token distributions, class logits, decoder distributions) carry
+    far more signal per step than one label. The KL is averaged over the positions the task counts (``mask``)
+    and scaled by ``T^2`` so its gradients keep their size across temperatures (Hinton et al. 2015). The
+    teacher runs in eval mode without autograd; ``weight`` 0 gives the task loss exactly.
+    """
+    if not 0.0 <= weight <= 1.0 or temperature <= 0:
+        raise ValueError(f"distillation needs 0 <= weight <= 1 and temperature > 0, got {weight} and {temperature}")
+    teacher.eval().requires_grad_(False)
+
+    def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
+        task_loss, logits, mask = outputs(model, batch)
+        with torch.no_grad():
+            _, teacher_logits, _ = outputs(teacher, batch)
+        student = torch.log_softmax(logits.float() / temperature, dim=-1)
+        target = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+        kl = torch.nn.functional.kl_div(student, target, log_target=True, reduction="none").sum(-1)
+        kl = kl[mask] if mask is not None else kl
+        return (1.0 - weight) * task_loss + weight * temperature**2 * kl.mean()
+
+    return loss_fn

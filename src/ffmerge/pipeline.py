@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,10 @@ from .experiments import (
     windows_at,
 )
 from .features import FeatureStore, cache_features
-from .finetune import FinetuneConfig, finetune
+from .ffdrop import delete_ff, ffdrop_layers
+from .finetune import FinetuneConfig, distillation_loss, finetune
 from .merge import apply_plan
+from .repair import RepairConfig, merge_and_repair
 from .size import size_report
 from .tasks import get_task
 
@@ -102,16 +104,23 @@ def compress(
     features: FeatureStore | None,
     plan: dict | None = None,
     solved: SolvedPairs | None = None,
+    repair: RepairConfig | None = None,
+    calibration: Callable[[], Iterable[dict]] | None = None,
 ) -> dict:
     """Apply one variant in place; returns the windows and, for merges, the plan (to rebuild it exactly).
 
     A ``plan`` from an earlier call rebuilds the same merge without aligning the layers again; ``solved`` holds
-    pairs already aligned (the align step), so only pairs missing from it are solved here.
+    pairs already aligned (the align step), so only pairs missing from it are solved here. An enabled
+    ``repair`` refits each merged block to its members' original outputs (:mod:`ffmerge.repair`);
+    ``calibration`` yields the calibration batches when the repair takes its inputs from the merged model.
     """
     method, anchor = split_variant(variant)
     windows = windows_at(method, stack_layers(model), fraction, start)
     if method == "drop":
         drop_layers(model, windows)
+        return {"windows": windows, "plan": None}
+    if method == "ffdrop":
+        delete_ff(model, ffdrop_layers(windows))
         return {"windows": windows, "plan": None}
     if plan is not None:
         merge_plan = MergePlan.from_dict(plan)
@@ -119,6 +128,11 @@ def compress(
         raise ValueError(f"variant {variant} needs cached features")
     else:
         merge_plan = plan_merge(features, windows, anchor=anchor, method=method, solved=solved)
+    if repair is not None and repair.enabled:
+        if features is None:
+            raise ValueError(f"repairing {variant} needs the cached features")
+        report = merge_and_repair(model, merge_plan, features, repair, calibration=calibration)
+        return {"windows": windows, "plan": merge_plan.to_dict(), "repair": report}
     apply_plan(model, merge_plan)
     return {"windows": windows, "plan": merge_plan.to_dict()}
 
@@ -329,7 +343,18 @@ def build_compressed(
     selection = read_json(selection_json)
     start = choose_start(selection, choice, cfg["seed"])
     features = FeatureStore.open(features_dir) if features_dir else None
-    info = compress(model, variant, selection["fraction"], start, features, solved=_solved(alignments, features))
+    repair = RepairConfig.from_cfg(cfg.get("repair"), cfg["seed"])
+    calibration = (lambda: task.calibration_batches(Path(data_dir))) if data_dir is not None else None
+    info = compress(
+        model,
+        variant,
+        selection["fraction"],
+        start,
+        features,
+        solved=_solved(alignments, features),
+        repair=repair,
+        calibration=calibration,
+    )
     extra = {
         "variant": variant,
         "fraction": selection["fraction"],
@@ -337,6 +362,7 @@ def build_compressed(
         "start": start,
         "windows": info["windows"],
         "plan": info["plan"],
+        "repair": info.get("repair"),
         "parameters_before": before,
     }
     save_compressed(model, out_dir, extra=extra)
@@ -354,10 +380,14 @@ def run_finetune(
     device: str,
     *,
     eval_json: Path | None = None,
+    teacher_dir: Path | None = None,
 ) -> dict:
     """Recovery fine-tuning with checkpoints in ``work_dir``; a rerun resumes from the last one.
 
     With ``eval_json`` the fine-tuned model's test metric is measured in the same process (see :func:`evaluate`).
+    A ``finetune.distill.weight`` above 0 mixes in the KL to ``teacher_dir``'s outputs (the uncompressed model).
+    The budget (steps, examples per step in the task's unit, their product) and the validation curve are
+    recorded with the result.
     """
     task = get_task(cfg)
     dev = resolve_device(device)
@@ -378,8 +408,16 @@ def run_finetune(
         higher_is_better=task.higher_is_better,
         # the finished model is saved right after; a resume state at the last step would only be deleted again
         save_final_state=ft["keep_state"],
+        distill_weight=ft["distill"]["weight"],
+        distill_temperature=ft["distill"]["temperature"],
     )
     loss_fn, get_batch = task.training(Path(data_dir), dev)
+    distill = ft["distill"]
+    if distill["weight"] > 0:
+        if teacher_dir is None:
+            raise ValueError("finetune.distill.weight > 0 needs the uncompressed model as teacher (teacher_dir)")
+        teacher = load_model(teacher_dir, auto_class=task.auto_class, device=dev)
+        loss_fn = distillation_loss(task.training_outputs, teacher, **distill)
     result = finetune(
         model,
         loss_fn=loss_fn,
@@ -389,12 +427,20 @@ def run_finetune(
         evaluate=lambda m: task.score(m, Path(data_dir), "valid", "selection", dev),
         log=log.info,
     )
+    per_step = task.examples_per_step()
     extra = {
         "finetune": {
             "best_valid": result.best_metric,
             "best_step": result.best_step,
             "steps": result.steps_done,
             "resumed_from": result.resumed_from,
+            "budget": {"unit": task.budget_unit, "per_step": per_step, "total": per_step * result.steps_done},
+            "distill": dict(distill),
+            "lr": ft["lr"],
+            "curve": [
+                {"step": h["step"], "seen": h["step"] * per_step, "valid": h["metric"], "train_loss": h["train_loss"]}
+                for h in result.history
+            ],
         }
     }
     extra = _source_extra(model_dir) | extra
@@ -436,7 +482,7 @@ def _write_test_record(
         "metric": task.metric,
         "test": task.score(model, Path(data_dir), "test", "evaluation", dev),
         "size": size_report(model).as_dict(),
-        **{k: extra.get(k) for k in ("variant", "fraction", "choice", "start", "windows", "finetune")},
+        **{k: extra.get(k) for k in ("variant", "fraction", "choice", "start", "windows", "repair", "finetune")},
     }
     write_json(out_json, result)
     return result

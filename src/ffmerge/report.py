@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,36 @@ def layers_text(windows: dict[str, list[int]] | None) -> str:
     return "; ".join(parts)
 
 
+def repair_text(repair: dict | None) -> str:
+    """The local repair error of a merged model as Table 9 prints it: ``error_repaired`` (relative squared
+    reconstruction error of the shared block over its window's members, 0 = exact) per stack, e.g. "0.52" or
+    "encoder 0.41; decoder 0.52"; empty for models that were not repaired (repair off, layer dropping, files
+    written before the repair existed), so the column reads the same for every method."""
+    stacks = (repair or {}).get("stacks") or {}
+    parts = [
+        (stack, float(stats["error_repaired"]))
+        for stack, stats in stacks.items()
+        if isinstance(stats, dict) and stats.get("error_repaired") is not None
+    ]
+    if len(parts) == 1 and len(stacks) == 1:
+        return f"{parts[0][1]:.3g}"
+    return "; ".join(f"{stack} {error:.3g}" for stack, error in parts)
+
+
+def budget_text(finetune: dict | None) -> str:
+    """The recovery fine-tuning budget as Table 9 prints it, e.g. "2,560 tokens" (examples seen in the task's
+    unit, ``finetune.budget``): methods are only comparable at equal budgets, so the table says what each got.
+    Empty for evaluations without fine-tuning or written before budgets were recorded."""
+    budget = (finetune or {}).get("budget") or {}
+    if budget.get("total") is None:
+        return ""
+    return f"{int(budget['total']):,} {budget.get('unit', '')}".rstrip()
+
+
 def results_table(base: dict, rows: list[dict]) -> pd.DataFrame:
-    """The paper's Table 9 layout: metric per fraction x method after fine-tuning, with sizes."""
+    """The paper's Table 9 layout: metric per fraction x method after fine-tuning, with sizes; then the local
+    repair error (``repair_error``, from pre.json) and the recovery budget (``ft_budget``, from post.json), at
+    the end so the paper's columns keep their places."""
     base_params = base["size"]["parameters"]
     records = [
         {
@@ -42,11 +71,14 @@ def results_table(base: dict, rows: list[dict]) -> pd.DataFrame:
             "test": base["test"],
             "parameters": base_params,
             "param_reduction_%": 0.0,
+            "repair_error": "",
+            "ft_budget": budget_text(base.get("finetune")),
         }
     ]
     for r in rows:
         method, _ = split_variant(r["variant"])
-        # a dropped layer takes its FF with it; a merge removes the FF blocks that tying made redundant
+        # a dropped layer takes its FF with it; a merge removes the FF blocks that tying made redundant, and
+        # ffdrop's deleted FF sublayers are counted by size_report (ff_blocks_removed) as well
         ffs = sum(size for _, size in r["windows"].values()) if method == "drop" else r["size"]["ff_blocks_removed"]
         records.append(
             {
@@ -60,16 +92,60 @@ def results_table(base: dict, rows: list[dict]) -> pd.DataFrame:
                 "test": r["test"],
                 "parameters": r["size"]["parameters"],
                 "param_reduction_%": round(100 * (1 - r["size"]["parameters"] / base_params), 2),
+                "repair_error": repair_text(r.get("repair")),
+                "ft_budget": budget_text(r.get("finetune")),
             }
         )
     return pd.DataFrame.from_records(records)
+
+
+RECOVERY_COLUMNS = ["variant", "fraction", "choice", "metric", "step", "seen", "unit", "valid", "train_loss"]
+
+
+def recovery_curves(base: dict | None, rows: list[dict]) -> pd.DataFrame:
+    """Every fine-tune's validation curve (``finetune.curve`` of post.json), one row per evaluation: how fast
+    each compressed model recovers, against the examples it has seen, not only where it ends up.
+
+    ``base`` is the fine-tuned baseline's evaluation (variant "base", fraction "0", choice "" as in Table 9),
+    or the unfine-tuned one, which has no curve. Files written before curves were recorded add no rows."""
+    records = []
+    for r, identity in [
+        *([(base, ("base", "0", ""))] if base is not None else []),
+        *[(r, (r["variant"], r["fraction"], r["choice"])) for r in rows],
+    ]:
+        finetune = r.get("finetune") or {}
+        unit = (finetune.get("budget") or {}).get("unit", "")
+        for point in finetune.get("curve") or []:
+            records.append(
+                dict(
+                    zip(("variant", "fraction", "choice"), identity, strict=True),
+                    metric=r["metric"],
+                    step=int(point["step"]),
+                    seen=int(point["seen"]),
+                    unit=unit,
+                    valid=point["valid"],
+                    train_loss=point.get("train_loss"),
+                )
+            )
+    return pd.DataFrame.from_records(records, columns=RECOVERY_COLUMNS)
+
+
+# Text columns whose cells can look like numbers ("0.523"): Markdown shows them as written, not reformatted
+# with the table's float format (which would print a repair error of 0.004 as 0.00).
+VERBATIM_COLUMNS = ("repair_error", "ft_budget")
+
+
+def verbatim_positions(columns: Iterable[str]) -> list[int]:
+    """Positions of :data:`VERBATIM_COLUMNS` among ``columns``, for tabulate's ``disable_numparse``."""
+    return [i for i, column in enumerate(columns) if column in VERBATIM_COLUMNS]
 
 
 def write_table(frame: pd.DataFrame, csv_path: Path, md_path: Path) -> None:
     for path in (csv_path, md_path):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(csv_path, index=False)
-    Path(md_path).write_text(frame.to_markdown(index=False, floatfmt=".2f") + "\n")
+    markdown = frame.to_markdown(index=False, floatfmt=".2f", disable_numparse=verbatim_positions(frame.columns))
+    Path(md_path).write_text(markdown + "\n")
 
 
 def int8_table(base: dict, rows: list[dict]) -> pd.DataFrame:
@@ -124,9 +200,12 @@ def tables(inputs: Any, outputs: Any) -> None:
     """Snakemake's named inputs/outputs -> every table of one task."""
     base = _read(inputs.base) | {"test_before_ft": _read(inputs.base_pre)["test"]}
     rows = []
-    for pre, post in zip(inputs.pre, inputs.post, strict=True):
-        rows.append(_read(post) | {"test_before_ft": _read(pre)["test"]})
+    for pre_path, post_path in zip(inputs.pre, inputs.post, strict=True):
+        pre = _read(pre_path)
+        # the repair is measured when the model is built (pre.json); post.json's copy is not authoritative
+        rows.append(_read(post_path) | {"test_before_ft": pre["test"], "repair": pre.get("repair")})
     write_table(results_table(base, rows), outputs.table9_csv, outputs.table9_md)
+    recovery_curves(base, rows).to_csv(outputs.recovery_csv, index=False)
     window_scores([_read(p) for p in inputs.selections]).to_csv(outputs.windows_csv, index=False)
     int8_rows = [_read(p) for p in inputs.get("int8", [])]
     if int8_rows:

@@ -13,6 +13,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .adapters import get_adapter
+from .ffdrop import deleted_ff
 from .merge import ff_block_groups
 
 
@@ -22,7 +23,8 @@ class SizeReport:
     ff_parameters: int
     ff_blocks: int
     ff_blocks_removed: int
-    """FF blocks saved by tying (merging); dropped layers are gone from the model and not counted here."""
+    """FF blocks saved by tying (merging) or deleted outright (ffdrop); dropped layers are gone from the model
+    and not counted here."""
     bytes: int
     bytes_int8_linear: int
 
@@ -60,9 +62,10 @@ def size_report(model: nn.Module) -> SizeReport:
             for module in adapter.ff_modules(model, spec.name, i).values():
                 for p in module.parameters():
                     ff_params[id(p)] = p.numel()
-        groups = ff_block_groups(model, spec.name)
+        deleted = set(deleted_ff(model).get(spec.name, []))
+        groups = [g for g in ff_block_groups(model, spec.name) if g[0] not in deleted]
         blocks += len(groups)
-        removed += sum(len(g) - 1 for g in groups)
+        removed += sum(len(g) - 1 for g in groups) + len(deleted)
     params = _unique_params(model)
     return SizeReport(
         parameters=sum(p.numel() for p in params),

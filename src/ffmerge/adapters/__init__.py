@@ -15,7 +15,7 @@ from .dinov2 import Dinov2Adapter
 from .gemma3 import Gemma3Adapter
 from .gpt2 import GPT2Adapter
 from .llama import LlamaAdapter
-from .seq2seq import Seq2SeqAdapter
+from .seq2seq import Seq2SeqAdapter, WhisperAdapter
 from .vit import ViTAdapter
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (
@@ -26,6 +26,7 @@ ADAPTERS: tuple[type[ModelAdapter], ...] = (
     Dinov2Adapter,
     BertAdapter,
     Seq2SeqAdapter,
+    WhisperAdapter,
 )
 
 _BY_TYPE: dict[str, type[ModelAdapter]] = {t: cls for cls in ADAPTERS for t in cls.model_types}

@@ -7,9 +7,11 @@ writing one small subclass (see ``llama.py`` for a gated MLP and ``gpt2.py`` for
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
@@ -39,6 +41,16 @@ class StackSpec:
     """The config attribute that holds this stack's layer count (updated when layers are dropped)."""
     per_layer_keys: tuple[str, ...] = ()
     """Config lists with one entry per layer of this stack (e.g. ``layer_types``), trimmed on drop."""
+    ff_act: str | None = None
+    """The FF block's activation function (an attribute path from the layer), so that the block can be run on
+    its own: ``out(act(in(x)))``, or ``out(act(gate(x)) * up(x))`` when gated (block reconstruction)."""
+    ff_norm: str | None = None
+    """The pre-FF norm, where its output feeds the FF block and nothing else (pre-norm layers): its elementwise
+    weight (and bias) can then be folded into the input projections without changing the layer's function.
+    None for post-norm layers (Marian, BERT) and norms with an offset weight (Gemma's ``1 + w``)."""
+    ff_scale: str | None = None
+    """A per-channel scale applied to the FF output only (DINOv2's LayerScale): foldable into the output
+    projection."""
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -138,6 +150,21 @@ class ModelAdapter:
         modules = {role: get_submodule(layer, path) for role, path in spec.ff_in}
         modules["out"] = get_submodule(layer, spec.ff_out)
         return modules
+
+    def ff_forward(self, model: nn.Module, stack: str, index: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Layer ``index``'s FF block as a function of its input (the pre-FF norm's output), outside the model.
+
+        Block reconstruction (:mod:`ffmerge.repair`) fits a merged block to cached inputs and outputs, which
+        needs the block alone; every family's block is one of the two forms below.
+        """
+        spec = self.stack(stack)
+        if spec.ff_act is None:
+            raise NotImplementedError(f"{self.name} does not name its FF activation (StackSpec.ff_act)")
+        modules = self.ff_modules(model, stack, index)
+        act = get_submodule(self.layers(model, stack)[index], spec.ff_act)
+        if self.gated:
+            return lambda x: modules["out"](act(modules["gate"](x)) * modules["up"](x))
+        return lambda x: modules["out"](act(modules["in"](x)))
 
     def attn_out_module(self, model: nn.Module, stack: str, index: int) -> nn.Module:
         return get_submodule(self.layers(model, stack)[index], self.stack(stack).attn_out)

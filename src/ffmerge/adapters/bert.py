@@ -11,6 +11,7 @@ class BertAdapter(ModelAdapter):
             layers="encoder.layer",
             ff_in=(("in", "intermediate.dense"),),
             ff_out="output.dense",
+            ff_act="intermediate.intermediate_act_fn",
             attn_out="attention.output.dense",
             num_layers_key="num_hidden_layers",
         ),

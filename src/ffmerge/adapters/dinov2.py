@@ -13,8 +13,11 @@ class Dinov2Adapter(ModelAdapter):
             layers="encoder.layer",
             ff_in=(("in", "mlp.fc1"),),
             ff_out="mlp.fc2",
+            ff_act="mlp.activation_fn",
             attn_out="attention.o_proj",
             num_layers_key="num_hidden_layers",
+            ff_norm="norm2",
+            ff_scale="layer_scale2",
         ),
     )
 

@@ -11,7 +11,9 @@ class GPT2Adapter(ModelAdapter):
             layers="h",
             ff_in=(("in", "mlp.c_fc"),),
             ff_out="mlp.c_proj",
+            ff_act="mlp.act",
             attn_out="attn.c_proj",
             num_layers_key="n_layer",
+            ff_norm="ln_2",
         ),
     )

@@ -15,8 +15,10 @@ class LlamaAdapter(ModelAdapter):
             layers="layers",
             ff_in=(("gate", "mlp.gate_proj"), ("up", "mlp.up_proj")),
             ff_out="mlp.down_proj",
+            ff_act="mlp.act_fn",
             attn_out="self_attn.o_proj",
             num_layers_key="num_hidden_layers",
+            ff_norm="post_attention_layernorm",
             per_layer_keys=("layer_types",),
         ),
     )

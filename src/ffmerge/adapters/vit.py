@@ -11,7 +11,9 @@ class ViTAdapter(ModelAdapter):
             layers="layers",
             ff_in=(("in", "mlp.fc1"),),
             ff_out="mlp.fc2",
+            ff_act="mlp.activation_fn",
             attn_out="attention.o_proj",
             num_layers_key="num_hidden_layers",
+            ff_norm="layernorm_after",
         ),
     )

@@ -39,6 +39,8 @@ class Task:
     metric: ClassVar[str]
     higher_is_better: ClassVar[bool]
     auto_class: ClassVar[str]
+    budget_unit: ClassVar[str]
+    """What one fine-tuning example is ("tokens", "images", ...): budgets are recorded in these units."""
 
     def __init__(self, cfg: dict[str, Any]):
         self.cfg = cfg
@@ -67,3 +69,13 @@ class Task:
     def training(self, data_dir: Path, device: torch.device) -> tuple[Callable, Callable[[int], Any]]:
         """``(loss_fn(model, batch), get_batch(step))`` for recovery fine-tuning."""
         raise NotImplementedError
+
+    @staticmethod
+    def training_outputs(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(task loss, logits, mask of counted logit positions or None)`` of a training batch, for distillation
+        (:func:`ffmerge.finetune.distillation_loss`); ``loss_fn`` of :meth:`training` is its first item."""
+        raise NotImplementedError
+
+    def examples_per_step(self) -> int:
+        """Fine-tuning examples (in ``budget_unit``) one optimizer step consumes."""
+        return self.cfg["finetune"]["batch_size"]

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from ..data.text import load_split, prepare_text_splits
-from ..finetune import causal_lm_loss, lm_batches
+from ..finetune import causal_lm_loss, causal_lm_outputs, lm_batches
 from ..metrics.perplexity import PerplexityScorer
 from .base import Task
 
@@ -20,6 +20,11 @@ class CausalLMTask(Task):
     metric = "ppl"
     higher_is_better = False
     auto_class = "AutoModelForCausalLM"
+    budget_unit = "tokens"
+    training_outputs = staticmethod(causal_lm_outputs)
+
+    def examples_per_step(self) -> int:
+        return self.cfg["finetune"]["batch_size"] * self.cfg["finetune"]["seq_len"]
 
     def prepare_data(self, model_dir: Path, out_dir: Path) -> dict[str, Any]:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)

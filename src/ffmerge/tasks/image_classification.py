@@ -28,6 +28,7 @@ from ..data.images import (
     prepare_image_splits,
     read_image_record,
 )
+from ..finetune import TrainingOutputs
 from .base import Task
 
 ENCODER_STACK = "encoder"
@@ -38,6 +39,11 @@ class ImageClassificationTask(Task):
     metric = "accuracy"
     higher_is_better = True
     auto_class = "AutoModelForImageClassification"
+    budget_unit = "images"
+
+    @staticmethod
+    def training_outputs(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> TrainingOutputs:
+        return classification_outputs(model, batch)
 
     def prepare_data(self, model_dir: Path, out_dir: Path) -> dict[str, Any]:
         """Image splits plus what the model needs to read them: tokens per image and pixel normalisation."""
@@ -164,9 +170,15 @@ def image_batches(
     return get_batch
 
 
+def classification_outputs(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> TrainingOutputs:
+    """Mean cross-entropy of the logits against the labels, and the logits."""
+    logits = model(pixel_values=batch["pixel_values"]).logits
+    return F.cross_entropy(logits, batch["labels"]), logits, None
+
+
 def classification_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy of the logits against the labels."""
-    return F.cross_entropy(model(pixel_values=batch["pixel_values"]).logits, batch["labels"])
+    return classification_outputs(model, batch)[0]
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

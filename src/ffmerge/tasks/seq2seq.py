@@ -33,6 +33,7 @@ from transformers.models.whisper.modeling_whisper import shift_tokens_right as w
 from ..atomic import atomic_output_dir
 from ..data.speech import load_speech_split, prepare_speech_splits
 from ..data.translation import load_translation_split, prepare_translation_splits
+from ..finetune import TrainingOutputs
 from ..metrics.generation import bleu, wer
 from ..sources import write_json
 from .base import Task
@@ -69,6 +70,10 @@ class Seq2SeqTask(Task):
     def __init__(self, cfg: dict[str, Any]):
         super().__init__(cfg)
         self._contexts: dict[Path, _Context] = {}
+
+    @staticmethod
+    def training_outputs(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> TrainingOutputs:
+        return seq2seq_outputs(model, batch)
 
     # ---------------------------------------------------------------- subclass hooks
 
@@ -237,6 +242,7 @@ class TranslationTask(Seq2SeqTask):
     """Machine translation (the paper's OPUS-MT zh-en on Tatoeba), scored with sacrebleu corpus BLEU."""
 
     type = "translation"
+    budget_unit = "sentence pairs"
     metric = "bleu"
     higher_is_better = True
     auto_class = "AutoModelForSeq2SeqLM"
@@ -270,6 +276,7 @@ class SpeechRecognitionTask(Seq2SeqTask):
     """English speech recognition with Whisper, scored with corpus WER (ffmerge.metrics.generation)."""
 
     type = "speech_recognition"
+    budget_unit = "utterances"
     metric = "wer"
     higher_is_better = False
     auto_class = "AutoModelForSpeechSeq2Seq"
@@ -317,9 +324,16 @@ class SpeechRecognitionTask(Seq2SeqTask):
         return wer(hypotheses, references)
 
 
+def seq2seq_outputs(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> TrainingOutputs:
+    """Mean cross-entropy over reference tokens (labels of -100, the padding, are skipped by the model), the
+    decoder's logits, and the reference positions among them."""
+    out = model(**batch)
+    return out.loss, out.logits, batch["labels"] != IGNORE_INDEX
+
+
 def seq2seq_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over reference tokens (labels of -100, the padding, are skipped by the model)."""
-    return model(**batch).loss
+    """Mean cross-entropy over reference tokens."""
+    return seq2seq_outputs(model, batch)[0]
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[list[Any]]:

@@ -1,0 +1,389 @@
+"""Local repair of a merged FF block: refit the one shared block to every member layer's original function.
+
+Averaging k aligned FF blocks gives a block whose output on a member's inputs can be almost unrelated to
+that member's original output (on SmolLM2's chosen 1/3 window the squared error is 0.99 of the outputs'
+energy). Block-wise reconstruction fixes this locally, before any fine-tuning: cache each member's FF inputs
+``x_l`` and original outputs ``y_l`` on the calibration tokens and fit the shared block to
+
+    sum_l ||FF(x_l) - y_l||^2 / sum_l ||y_l||^2
+
+(the "relative error" reported everywhere below; 0 means every member is reproduced exactly). This is the
+core of FiPS (Uyuk et al., TMLR 2026) and of "A Free Lunch in LLM Compression" (arXiv 2510.14444). The
+options, each measured in the README's ablation:
+
+- ``inputs``: ``original`` takes ``x_l`` from the uncompressed model (the feature cache, no extra forward);
+  ``merged`` runs the merged model on the calibration data and takes the inputs its own layers see, so the
+  fit also absorbs the error that earlier members pass down the residual stream.
+- ``fold``: fold each member's pre-FF norm weight (and bias) into the input projections and its output scale
+  (DINOv2's LayerScale) into the output projection *before* averaging. Each layer computes exactly what it
+  did (the norm's and the scale's parameters become ones and zeros), the average is taken in a space where
+  the members differ less, and the fit weighs each member's error as it enters the residual stream.
+- ``lstsq``: start from the least-squares output projection (and bias) given the merged input side: a
+  closed-form solve over all members' hidden activations.
+- ``steps``, ``lr``, ``batch_tokens``: Adam on the whole shared block (input and output projections, biases),
+  ``batch_tokens`` positions per step spread evenly over the members, seeded; a step costs the same whatever
+  the window's size (SmolLM2, 1/3 window: 100 steps of ~128 positions per member gave a better validation
+  perplexity than 300 steps or 256 positions, README).
+
+Parameters never change in number: the fit moves the shared tensors in place, and folding only rewrites the
+members' own norm and scale values.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .adapters import ModelAdapter, get_adapter, get_submodule, neuron_axis
+from .align import MergePlan
+from .features import FeatureStore, _first_positions, _trunk_forward
+
+log = logging.getLogger(__name__)
+
+Inputs = Literal["original", "merged"]
+
+
+@dataclass(frozen=True)
+class RepairConfig:
+    """The ``repair`` config block; ``enabled: false`` reproduces the paper's merge exactly."""
+
+    enabled: bool = False
+    inputs: Inputs = "original"
+    fold: bool = False
+    lstsq: bool = False
+    steps: int = 100
+    lr: float = 3e-3
+    batch_tokens: int = 1536
+    ridge: float = 1e-4
+    tolerance: float = 1e-6
+    """A merged block whose relative error is already at most this is left exactly as it is."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.inputs not in ("original", "merged"):
+            raise ValueError(f"repair.inputs must be 'original' or 'merged', got {self.inputs!r}")
+        if self.steps < 0 or self.batch_tokens < 1 or self.lr <= 0 or self.ridge < 0:
+            raise ValueError(f"repair needs steps >= 0, batch_tokens >= 1, lr > 0 and ridge >= 0, got {self}")
+
+    @classmethod
+    def from_cfg(cls, block: Mapping[str, Any] | None, seed: int = 0) -> RepairConfig:
+        return cls(**{**dict(block or {}), "seed": seed})
+
+
+@dataclass
+class MemberData:
+    """One window's reconstruction data: per member layer, inputs ``x`` [N, d] and targets ``y`` [N, d]."""
+
+    stack: str
+    layers: list[int]
+    x: dict[int, torch.Tensor]
+    y: dict[int, torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Folding per-layer scales into the block (function-preserving, done before the members are averaged)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def fold_scales(model: nn.Module, stack: str, layers: Iterable[int]) -> dict[int, dict[str, torch.Tensor]]:
+    """Fold each layer's pre-FF norm affine and FF output scale into its own FF block, in place.
+
+    Returns the original values ``{layer: {"norm_weight", "norm_bias", "scale"}}`` (only those that exist),
+    which :func:`original_space` needs to express cached inputs and outputs in the folded space.
+    """
+    adapter = get_adapter(model)
+    spec = adapter.stack(stack)
+    if spec.ff_norm is None and spec.ff_scale is None:
+        raise ValueError(
+            f"{adapter.name} {stack}: nothing to fold (no pre-FF norm or output scale that only the FF uses)"
+        )
+    originals: dict[int, dict[str, torch.Tensor]] = {}
+    for j in layers:
+        layer = adapter.layers(model, stack)[j]
+        modules = adapter.ff_modules(model, stack, j)
+        saved: dict[str, torch.Tensor] = {}
+        if spec.ff_norm is not None:
+            norm = get_submodule(layer, spec.ff_norm)
+            g = norm.weight.detach().clone()
+            b = norm.bias.detach().clone() if getattr(norm, "bias", None) is not None else None
+            for role, _ in spec.ff_in:
+                module = modules[role]
+                weight = _as_out_in(module)  # [neurons, d] view
+                if b is not None:
+                    if module.bias is None:
+                        raise ValueError(f"{stack} layer {j}: the norm has a bias but {role} has none to take it")
+                    module.bias.add_(weight @ b.to(weight.dtype))
+                weight.mul_(g.to(weight.dtype))
+            norm.weight.fill_(1.0)
+            if b is not None:
+                norm.bias.zero_()
+            saved["norm_weight"] = g
+            if b is not None:
+                saved["norm_bias"] = b
+        if spec.ff_scale is not None:
+            scale_module = get_submodule(layer, spec.ff_scale)
+            (name, param), *_ = scale_module.named_parameters(recurse=False)
+            lam = param.detach().clone()
+            out = modules["out"]
+            _as_out_in(out, side="out").mul_(lam.to(out.weight.dtype)[:, None])
+            if out.bias is not None:
+                out.bias.mul_(lam.to(out.bias.dtype))
+            param.fill_(1.0)
+            saved["scale"] = lam
+        originals[j] = saved
+    return originals
+
+
+def _as_out_in(module: nn.Module, side: str = "in") -> torch.Tensor:
+    """The weight as ``[outputs, inputs]`` (a view, so in-place edits reach the module), Linear or Conv1D."""
+    weight = module.weight
+    transposed = neuron_axis(module, side) != (0 if side == "in" else 1)
+    return weight.t() if transposed else weight
+
+
+def folded_inputs(x: torch.Tensor, saved: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """A norm's output expressed before its affine: ``(x - b) / g``; channels with ``g == 0`` are zeroed,
+    which is exact because the folded weights' columns for them are zero."""
+    if "norm_weight" not in saved:
+        return x
+    g = saved["norm_weight"].to(x.dtype)
+    shifted = x - saved["norm_bias"].to(x.dtype) if "norm_bias" in saved else x
+    safe = torch.where(g == 0, torch.ones_like(g), g)
+    return torch.where(g == 0, torch.zeros_like(shifted), shifted / safe)
+
+
+def folded_targets(y: torch.Tensor, saved: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return y * saved["scale"].to(y.dtype) if "scale" in saved else y
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reconstruction data
+# ----------------------------------------------------------------------------------------------------------
+
+
+def store_data(store: FeatureStore, stack: str, layers: list[int]) -> MemberData:
+    """Each member's original FF inputs and outputs from the feature cache (kinds ``ff_in``, ``ff_out``)."""
+    missing = {"ff_in", "ff_out"} - set(store.manifest.get("kinds", []))
+    if missing:
+        raise ValueError(
+            f"the feature cache {store.root} has no {sorted(missing)} features, which repair needs; it was written "
+            f"by an older ffmerge. Delete {store.root} and rerun the cache_features step"
+        )
+    x = {j: store.load(stack, "ff_in", j).float() for j in layers}
+    y = {j: store.load(stack, "ff_out", j).float() for j in layers}
+    return MemberData(stack, list(layers), x, y)
+
+
+@torch.no_grad()
+def capture_inputs(
+    model: nn.Module,
+    windows: Mapping[str, list[int]],
+    batches: Iterable[Mapping[str, Any]],
+    n_tokens: int,
+    device: torch.device | str = "cpu",
+) -> dict[str, dict[int, torch.Tensor]]:
+    """The FF inputs the model's own layers see on the calibration batches (first ``n_tokens`` positions).
+
+    The members of a merged window share one module object, so a hook on it alone cannot tell the layers
+    apart: a pre-hook on each member *layer* names the layer that is running, and the shared input
+    projection's hook files its input under that name (layers run in order within a stack).
+    """
+    adapter = get_adapter(model)
+    rows: dict[str, dict[int, list[torch.Tensor]]] = {s: {j: [] for j in js} for s, js in windows.items()}
+    running: dict[str, int | None] = {s: None for s in windows}
+    masks: dict[str, torch.Tensor] = {}
+    taken = {s: 0 for s in windows}
+
+    def on_layer(stack: str, j: int | None) -> Callable:
+        def hook(module: nn.Module, args: Any, kwargs: Any = None) -> None:
+            running[stack] = j
+
+        return hook
+
+    def on_input(stack: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            j = running[stack]
+            if j is not None and stack in masks:
+                rows[stack][j].append(args[0][masks[stack]].float().cpu())
+
+        return hook
+
+    with ExitStack() as hooks:
+        for stack, js in windows.items():
+            spec = adapter.stack(stack)
+            layer_list = adapter.layers(model, stack)
+            for j, layer in enumerate(layer_list):
+                hooks.callback(layer.register_forward_pre_hook(on_layer(stack, j if j in js else None)).remove)
+            shared = {id(adapter.ff_modules(model, stack, j)[spec.ff_in[0][0]]): j for j in js}
+            for j in shared.values():
+                module = adapter.ff_modules(model, stack, j)[spec.ff_in[0][0]]
+                hooks.callback(module.register_forward_pre_hook(on_input(stack)).remove)
+        forward = _trunk_forward(adapter)
+        model.eval()
+        for batch in batches:
+            if all(taken[s] >= n_tokens for s in windows):
+                break
+            masks.clear()
+            for stack in windows:
+                mask = _first_positions(batch["token_masks"][stack].to(torch.bool), n_tokens - taken[stack])
+                if mask.any():
+                    masks[stack] = mask.to(device)
+                    taken[stack] += int(mask.sum())
+            inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items() if k != "token_masks"}
+            forward(model, inputs)
+    short = {s: t for s, t in taken.items() if t < n_tokens}
+    if short:
+        raise ValueError(f"the calibration data ran out after {short} tokens; {n_tokens} were asked for")
+    return {s: {j: torch.cat(parts) for j, parts in per.items()} for s, per in rows.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fitting
+# ----------------------------------------------------------------------------------------------------------
+
+
+def relative_error(block: Callable[[torch.Tensor], torch.Tensor], data: MemberData, chunk: int = 4096) -> float:
+    """``sum_l ||block(x_l) - y_l||^2 / sum_l ||y_l||^2`` over every cached position."""
+    err = energy = 0.0
+    with torch.no_grad():
+        for j in data.layers:
+            for s in range(0, len(data.x[j]), chunk):
+                y = data.y[j][s : s + chunk]
+                err += float((block(data.x[j][s : s + chunk]) - y).pow(2).sum())
+                energy += float(y.pow(2).sum())
+    return err / max(energy, 1e-30)
+
+
+@torch.no_grad()
+def lstsq_output(adapter: ModelAdapter, model: nn.Module, stack: str, anchor: int, data: MemberData, ridge: float):
+    """Set the shared output projection (and bias) to the ridge least-squares solution over all members.
+
+    Its input is the hidden activation of the (merged) input side, so the solve is one [n + 1]^2 system for
+    the whole window: ``min_W sum_l ||h_l W^T + b - y_l||^2 + ridge * tr(H^T H) / n * ||W||^2``.
+    """
+    modules = adapter.ff_modules(model, stack, anchor)
+    out = modules["out"]
+    captured: list[torch.Tensor] = []
+    hook = out.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+    try:
+        block = adapter.ff_forward(model, stack, anchor)
+        gram = targets = None
+        for j in data.layers:
+            captured.clear()
+            block(data.x[j])
+            h = captured[0].double()
+            h = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], 1) if out.bias is not None else h
+            g, t = h.T @ h, h.T @ data.y[j].double()
+            gram = g if gram is None else gram + g
+            targets = t if targets is None else targets + t
+    finally:
+        hook.remove()
+    n = gram.shape[0]
+    gram += ridge * gram.diagonal().mean() * torch.eye(n, dtype=gram.dtype)
+    solution = torch.linalg.solve(gram, targets)  # [n (+1), d]
+    weight = solution[: out.weight.shape[neuron_axis(out, "out")]]
+    _as_out_in(out, side="out").copy_(weight.T.to(out.weight.dtype))
+    if out.bias is not None:
+        out.bias.copy_(solution[-1].to(out.bias.dtype))
+
+
+def fit_block(
+    adapter: ModelAdapter, model: nn.Module, stack: str, anchor: int, data: MemberData, cfg: RepairConfig
+) -> list[float]:
+    """Adam on the shared block's parameters against the summed relative error; returns the loss per step."""
+    modules = adapter.ff_modules(model, stack, anchor)
+    params = list({id(p): p for m in modules.values() for p in m.parameters()}.values())
+    block = adapter.ff_forward(model, stack, anchor)
+    energy = sum(float(data.y[j].pow(2).sum(1).mean()) for j in data.layers)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    per_member = -(-cfg.batch_tokens // len(data.layers))
+    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    losses = []
+    with torch.enable_grad():
+        for _ in range(cfg.steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss = 0.0
+            for j in data.layers:
+                pick = torch.randint(len(data.x[j]), (per_member,), generator=generator)
+                diff = block(data.x[j][pick]) - data.y[j][pick]
+                loss = loss + diff.pow(2).sum(1).mean()
+            loss = loss / energy
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    return losses
+
+
+def merge_and_repair(
+    model: nn.Module,
+    plan: MergePlan,
+    store: FeatureStore,
+    cfg: RepairConfig,
+    *,
+    calibration: Callable[[], Iterable[Mapping[str, Any]]] | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Apply ``plan`` (fold, permute, average, tie) and repair every stack window in place.
+
+    Returns what was done with the relative error after merging, after the least-squares start and after the
+    fit, per stack (encoder-decoder stacks are repaired each on its own). ``calibration`` yields the
+    calibration batches; only ``inputs: merged`` needs it.
+    """
+    from .merge import apply_plan
+
+    adapter = get_adapter(model)
+    windows = {a.stack: list(a.layers) for a in plan.stacks}
+    folded = {stack: fold_scales(model, stack, layers) for stack, layers in windows.items()} if cfg.fold else {}
+    apply_plan(model, plan)
+    data = {stack: store_data(store, stack, layers) for stack, layers in windows.items()}
+    for stack, saved in folded.items():
+        d = data[stack]
+        d.y = {j: folded_targets(d.y[j], saved[j]) for j in d.layers}
+        if cfg.inputs == "original":  # inputs captured from the merged model are already in the folded space
+            d.x = {j: folded_inputs(d.x[j], saved[j]) for j in d.layers}
+    if cfg.inputs == "merged":
+        if calibration is None:
+            raise ValueError("repair.inputs: merged needs the calibration batches")
+        n_tokens = min(len(d.y[d.layers[0]]) for d in data.values())
+        captured = capture_inputs(model, windows, calibration(), n_tokens, device)
+        for stack, per_layer in captured.items():
+            data[stack].x = {j: x.to(data[stack].y[j].device) for j, x in per_layer.items()}
+    report: dict[str, Any] = {"config": {k: v for k, v in asdict(cfg).items() if k != "enabled"}, "stacks": {}}
+    for alignment in plan.stacks:
+        started = time.perf_counter()
+        d = data[alignment.stack]
+        block = adapter.ff_forward(model, alignment.stack, alignment.anchor)
+        stats: dict[str, Any] = {"layers": d.layers, "tokens": len(d.x[d.layers[0]])}
+        stats["error_merged"] = before = relative_error(block, d)
+        if before > cfg.tolerance:
+            modules = adapter.ff_modules(model, alignment.stack, alignment.anchor)
+            merged = {k: v.clone() for k, v in _block_state(modules).items()}
+            if cfg.lstsq:
+                lstsq_output(adapter, model, alignment.stack, alignment.anchor, d, cfg.ridge)
+                stats["error_lstsq"] = relative_error(block, d)
+            if cfg.steps:
+                losses = fit_block(adapter, model, alignment.stack, alignment.anchor, d, cfg)
+                stats["loss_first_last"] = [losses[0], losses[-1]]
+            if relative_error(block, d) >= before:  # a fit that made the block worse is undone
+                with torch.no_grad():
+                    for key, value in _block_state(modules).items():
+                        value.copy_(merged[key])
+                stats["reverted"] = True
+        stats["error_repaired"] = relative_error(block, d)
+        stats["seconds"] = round(time.perf_counter() - started, 2)
+        log.info(f"repair {alignment.stack}: {stats}")
+        report["stacks"][alignment.stack] = stats
+    return report
+
+
+def _block_state(modules: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The shared block's parameters by role, e.g. ``{"gate.weight": ..., "out.bias": ...}``."""
+    return {f"{role}.{name}": p for role, m in modules.items() for name, p in m.named_parameters()}
