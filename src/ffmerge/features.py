@@ -217,7 +217,7 @@ def cache_features(
                         break
                     current.clear()
                     for name, mask in batch["token_masks"].items():
-                        mask = _first_positions(mask.to(torch.bool), n_tokens - taken[name])
+                        mask = first_positions(mask.to(torch.bool), n_tokens - taken[name])
                         if mask.any():
                             current[name] = mask.to(device)
                             taken[name] += int(mask.sum())
@@ -227,7 +227,7 @@ def cache_features(
                     inputs = {
                         k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items() if k != "token_masks"
                     }
-                    (forward or _trunk_forward(adapter))(model, inputs)
+                    (forward or trunk_forward(adapter))(model, inputs)
                 bar.close()
                 short = {s: taken[s] for s in stacks if taken[s] < n_tokens}
                 if short:
@@ -253,7 +253,7 @@ def cache_features(
     return FeatureStore(Path(out_dir), manifest)
 
 
-def _first_positions(mask: torch.Tensor, limit: int) -> torch.Tensor:
+def first_positions(mask: torch.Tensor, limit: int) -> torch.Tensor:
     """Keep only the first ``limit`` true positions of ``mask`` in row-major order (the budget's end)."""
     if limit <= 0:
         return torch.zeros_like(mask)
@@ -262,7 +262,7 @@ def _first_positions(mask: torch.Tensor, limit: int) -> torch.Tensor:
     return keep.view_as(mask)
 
 
-def _trunk_forward(adapter: ModelAdapter):
+def trunk_forward(adapter: ModelAdapter):
     """Run only the model's trunk: every hooked tensor lies inside it, and the task head (for an LM, logits
     over the whole vocabulary at every position) would cost time and memory for nothing."""
 

@@ -43,7 +43,7 @@ from torch import nn
 
 from .adapters import ModelAdapter, get_adapter, get_submodule, neuron_axis
 from .align import MergePlan
-from .features import FeatureStore, _first_positions, _trunk_forward
+from .features import FeatureStore, first_positions, trunk_forward
 
 log = logging.getLogger(__name__)
 
@@ -226,14 +226,14 @@ def capture_inputs(
             for j in shared.values():
                 module = adapter.ff_modules(model, stack, j)[spec.ff_in[0][0]]
                 hooks.callback(module.register_forward_pre_hook(on_input(stack)).remove)
-        forward = _trunk_forward(adapter)
+        forward = trunk_forward(adapter)
         model.eval()
         for batch in batches:
             if all(taken[s] >= n_tokens for s in windows):
                 break
             masks.clear()
             for stack in windows:
-                mask = _first_positions(batch["token_masks"][stack].to(torch.bool), n_tokens - taken[stack])
+                mask = first_positions(batch["token_masks"][stack].to(torch.bool), n_tokens - taken[stack])
                 if mask.any():
                     masks[stack] = mask.to(device)
                     taken[stack] += int(mask.sum())
