@@ -222,9 +222,9 @@ def capture_inputs(
             layer_list = adapter.layers(model, stack)
             for j, layer in enumerate(layer_list):
                 hooks.callback(layer.register_forward_pre_hook(on_layer(stack, j if j in js else None)).remove)
-            shared = {id(adapter.ff_modules(model, stack, j)[spec.ff_in[0][0]]): j for j in js}
-            for j in shared.values():
-                module = adapter.ff_modules(model, stack, j)[spec.ff_in[0][0]]
+            # one hook per distinct module: a merged window's members share theirs
+            shared = {id(m): m for m in (adapter.ff_modules(model, stack, j)[spec.ff_in[0][0]] for j in js)}
+            for module in shared.values():
                 hooks.callback(module.register_forward_pre_hook(on_input(stack)).remove)
         forward = trunk_forward(adapter)
         model.eval()
@@ -362,7 +362,7 @@ def merge_and_repair(
         d = data[alignment.stack]
         block = adapter.ff_forward(model, alignment.stack, alignment.anchor)
         stats: dict[str, Any] = {"layers": d.layers, "tokens": len(d.x[d.layers[0]])}
-        stats["error_merged"] = before = relative_error(block, d)
+        stats["error_merged"] = after = before = relative_error(block, d)
         if before > cfg.tolerance:
             modules = adapter.ff_modules(model, alignment.stack, alignment.anchor)
             merged = {k: v.clone() for k, v in _block_state(modules).items()}
@@ -372,12 +372,13 @@ def merge_and_repair(
             if cfg.steps:
                 losses = fit_block(adapter, model, alignment.stack, alignment.anchor, d, cfg)
                 stats["loss_first_last"] = [losses[0], losses[-1]]
-            if relative_error(block, d) >= before:  # a fit that made the block worse is undone
+            after = relative_error(block, d)
+            if after >= before:  # a fit that made the block worse is undone
                 with torch.no_grad():
                     for key, value in _block_state(modules).items():
                         value.copy_(merged[key])
-                stats["reverted"] = True
-        stats["error_repaired"] = relative_error(block, d)
+                stats["reverted"], after = True, before
+        stats["error_repaired"] = after
         stats["seconds"] = round(time.perf_counter() - started, 2)
         log.info(f"repair {alignment.stack}: {stats}")
         report["stacks"][alignment.stack] = stats
