@@ -11,7 +11,8 @@ min_version("9.0")
 # (conda envs from envs/ install only third-party packages).
 SRC = os.path.join(workflow.basedir, "src")
 sys.path.insert(0, SRC)
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))
+# (written for the jobs, not read from the user, hence no envvars directive)
+os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])))
 
 # config.yaml is the default only: `--configfile other.yaml` replaces it instead of merging into it.
 if not workflow.overwrite_configfiles:
@@ -60,6 +61,9 @@ onstart:
 onsuccess:
     for server in FORK_SERVER:
         server.stop()
+    from ffmerge.report import disk_footprint, footprint_text
+
+    print(footprint_text(disk_footprint(config["results_dir"], config["tasks"])))
 
 
 onerror:

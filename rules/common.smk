@@ -1,10 +1,13 @@
-# Paths, wildcard constraints and job planning shared by every rule.
+# Paths, wildcard constraints and the input functions of all the rule files (snakemake --lint wants those to hold
+# rules only).
+import os
+
 from ffmerge.experiments import compressed_models, fraction_label, parse_fraction_label
 from ffmerge.workflow import candidate_starts
 
-R = config["results_dir"] + "/{task}"
-LOGS = config["results_dir"] + "/logs/{task}"
-BENCH = config["results_dir"] + "/benchmarks/{task}"  # per-job wall time and peak memory
+R = os.path.join(config["results_dir"], "{task}")
+LOGS = os.path.join(config["results_dir"], "logs", "{task}")
+BENCH = os.path.join(config["results_dir"], "benchmarks", "{task}")  # per-job wall time and peak memory
 DEVICE = config["device"]
 
 
@@ -68,3 +71,103 @@ def all_outputs():
         outputs += expand(f"{R}/cka/{{kind}}.csv", task=task, kind=["ff_out", "attn_out"])
     outputs += report_outputs()  # figures and paper tables (rules/report.smk)
     return outputs
+
+
+# ---- window search (rules/search.smk) ----
+
+
+def candidate_files(wildcards):
+    model_dir = checkpoints.prepare_model.get(task=wildcards.task, prepared=prepared_name(wildcards.task)).output[0]
+    starts = candidate_starts(model_dir, wildcards.search, parse_fraction_label(wildcards.fraction))
+    return expand(f"{R}/candidates/{{search}}/{{fraction}}/start{{start}}.json", start=starts,
+                  task=wildcards.task, search=wildcards.search, fraction=wildcards.fraction)
+
+
+def selection_inputs(wildcards):
+    if config["tasks"][wildcards.task]["search"]["mode"] == "per_window":
+        return {"candidates": candidate_files(wildcards)}
+    paths = {"model": f"{R}/model/base", "data": f"{R}/data", **features_if_merge(wildcards)}
+    return {key: path.format(task=wildcards.task) for key, path in paths.items()}
+
+
+# ---- per-task tables (rules/tables.smk) ----
+
+
+def table_inputs(wildcards):
+    cfg = config["tasks"][wildcards.task]
+    exp = cfg["experiments"]
+    models = compressed_models(exp)
+    base_stage = "post" if exp["finetune_baseline"] else "pre"
+    inputs = {
+        "base_pre": f"{R}/eval/base/pre.json",
+        "base": f"{R}/eval/base/{base_stage}.json",
+        "pre": [f"{R}/eval/{v}/{f}/{c}/pre.json" for v, f, c in models],
+        "post": [f"{R}/eval/{v}/{f}/{c}/post.json" for v, f, c in models],
+        "selections": sorted({f"{R}/selection/{search_of(v)}/{f}.json" for v, f, c in models}),
+    }
+    if exp["int8"]:
+        head = fraction_label(exp["fractions"][0])
+        best = [(v, f, c) for v, f, c in models if f == head and c == "best" and v in ("permute", "vanilla")]
+        inputs["int8"] = [f"{R}/int8/{v}/{f}/{c}.json" for v, f, c in best] + [f"{R}/int8/base.json"]
+    return {k: [p.format(task=wildcards.task) for p in v] if isinstance(v, list) else v.format(task=wildcards.task)
+            for k, v in inputs.items()}
+
+
+# ---- report: cross-task figures and tables (rules/report.smk) ----
+
+REPORT = os.path.join(config["results_dir"], "report")
+REPORT_LOGS = os.path.join(config["results_dir"], "logs", "report")
+REPORT_BENCH = os.path.join(config["results_dir"], "benchmarks", "report")
+REPORT_TASKS = list(config["tasks"])
+PAPER_RESULTS = os.path.join(workflow.basedir, "data", "paper_results.yaml")
+TABLE_FORMATS = ("csv", "md", "html")
+CKA_FIGURES = {"ff_out": "Figure 5: CKA of FF outputs", "attn_out": "Figure 6: CKA of attention outputs"}
+
+
+def per_task(path):
+    """One file per configured task, in config order (the scripts pair them with params.tasks)."""
+    return expand(path, task=REPORT_TASKS)
+
+
+def report_params(*keys):
+    """The task names (in the order of the per-task inputs) plus the named extras a script needs."""
+    tasks = config["tasks"]
+    extras = {
+        "titles": lambda: {t: f"{t} ({describe_model(tasks[t]['model'])})" for t in REPORT_TASKS},
+        "first_fractions": lambda: {t: tasks[t]["experiments"]["fractions"][0] for t in REPORT_TASKS},
+        "configs": lambda: {t: tasks[t] for t in REPORT_TASKS},
+    }
+    return {"tasks": REPORT_TASKS} | {key: extras[key]() for key in keys}
+
+
+def describe_model(source):
+    return source.get("id") or source.get("path") or source.get("file", "?")
+
+
+def figure_outputs(name, caption, subcategory):
+    return {
+        "png": report(f"{REPORT}/{name}.png", caption=caption, category="Figures", subcategory=subcategory),
+        "pdf": f"{REPORT}/{name}.pdf",
+    }
+
+
+def table_outputs(name, caption, subcategory):
+    return {
+        "csv": report(f"{REPORT}/{name}.csv", caption=caption, category="Tables", subcategory=subcategory,
+                      labels={"table": subcategory, "format": "CSV"}),
+        "md": f"{REPORT}/{name}.md",
+        "html": report(f"{REPORT}/{name}.html", caption=caption, category="Tables", subcategory=subcategory,
+                       labels={"table": subcategory, "format": "HTML"}),
+    }
+
+
+def report_outputs():
+    """Every artifact of rules/report.smk; the `all` rule asks for them."""
+    figures = [f"{REPORT}/{n}.{ext}" for n in ("figure2_ff_removed", "figure3_params_removed",
+                                               "figure10_window_scores", "recovery_curves")
+               for ext in ("png", "pdf")]
+    cka = expand(f"{R}/figures/cka_{{kind}}.{{ext}}", task=REPORT_TASKS, kind=["ff_out", "attn_out"],
+                 ext=["png", "pdf"])
+    tables = [f"{REPORT}/{n}.{ext}" for n in ("table2_windows", "table3_anchors", "table4_int8", "table9_results",
+                                              "paper_comparison") for ext in TABLE_FORMATS]
+    return figures + cka + tables

@@ -1,67 +1,7 @@
 # The paper's artifacts from finished result files alone (no model in memory): figures as PNG + PDF, tables as
 # CSV + Markdown + HTML, every one marked for `snakemake --report report.html`. Cross-task figures and tables
 # (one panel / row group per task) go to {results_dir}/report/, per-model CKA heatmaps to {task}/figures/.
-import os
-
-REPORT = config["results_dir"] + "/report"
-REPORT_LOGS = config["results_dir"] + "/logs/report"
-REPORT_BENCH = config["results_dir"] + "/benchmarks/report"
-REPORT_TASKS = list(config["tasks"])
-PAPER_RESULTS = os.path.join(workflow.basedir, "data", "paper_results.yaml")
-TABLE_FORMATS = ("csv", "md", "html")
-CKA_FIGURES = {"ff_out": "Figure 5: CKA of FF outputs", "attn_out": "Figure 6: CKA of attention outputs"}
-
-
 report: "../report/workflow.rst"
-
-
-def per_task(path):
-    """One file per configured task, in config order (the scripts pair them with params.tasks)."""
-    return expand(path, task=REPORT_TASKS)
-
-
-def report_params(*keys):
-    """The task names (in the order of the per-task inputs) plus the named extras a script needs."""
-    tasks = config["tasks"]
-    extras = {
-        "titles": lambda: {t: f"{t} ({describe_model(tasks[t]['model'])})" for t in REPORT_TASKS},
-        "first_fractions": lambda: {t: tasks[t]["experiments"]["fractions"][0] for t in REPORT_TASKS},
-        "configs": lambda: {t: tasks[t] for t in REPORT_TASKS},
-    }
-    return {"tasks": REPORT_TASKS} | {key: extras[key]() for key in keys}
-
-
-def describe_model(source):
-    return source.get("id") or source.get("path") or source.get("file", "?")
-
-
-def figure_outputs(name, caption, subcategory):
-    return {
-        "png": report(f"{REPORT}/{name}.png", caption=caption, category="Figures", subcategory=subcategory),
-        "pdf": f"{REPORT}/{name}.pdf",
-    }
-
-
-def table_outputs(name, caption, subcategory):
-    return {
-        "csv": report(f"{REPORT}/{name}.csv", caption=caption, category="Tables", subcategory=subcategory,
-                      labels={"table": subcategory, "format": "CSV"}),
-        "md": f"{REPORT}/{name}.md",
-        "html": report(f"{REPORT}/{name}.html", caption=caption, category="Tables", subcategory=subcategory,
-                       labels={"table": subcategory, "format": "HTML"}),
-    }
-
-
-def report_outputs():
-    """Every artifact of this file: the `all` rule asks for them (rules/common.smk)."""
-    figures = [f"{REPORT}/{n}.{ext}" for n in ("figure2_ff_removed", "figure3_params_removed",
-                                               "figure10_window_scores", "recovery_curves")
-               for ext in ("png", "pdf")]
-    cka = expand(f"{R}/figures/cka_{{kind}}.{{ext}}", task=REPORT_TASKS, kind=["ff_out", "attn_out"],
-                 ext=["png", "pdf"])
-    tables = [f"{REPORT}/{n}.{ext}" for n in ("table2_windows", "table3_anchors", "table4_int8", "table9_results",
-                                              "paper_comparison") for ext in TABLE_FORMATS]
-    return figures + cka + tables
 
 
 rule figure_ff_removed:
@@ -195,7 +135,7 @@ rule table_int8:
         **table_outputs("table4_int8", "../report/table4.rst", "Table 4: int8"),
     params:
         **report_params(),
-        what="int8",
+        table="int8",
         title="Table 4: LLM.int8() on the fine-tuned models",
     log:
         f"{REPORT_LOGS}/table4_int8.log",
@@ -214,7 +154,7 @@ use rule table_int8 as table_results with:
         **table_outputs("table9_results", "../report/table9.rst", "Table 9: all results"),
     params:
         **report_params(),
-        what="results",
+        table="table9",
         title="Table 9: every model after fine-tuning",
     log:
         f"{REPORT_LOGS}/table9_results.log",

@@ -24,19 +24,6 @@ rule candidate:
         "../workflow_scripts/candidate.py"
 
 
-def candidate_files(wildcards):
-    model_dir = checkpoints.prepare_model.get(task=wildcards.task, prepared=prepared_name(wildcards.task)).output[0]
-    starts = candidate_starts(model_dir, wildcards.search, parse_fraction_label(wildcards.fraction))
-    return expand(f"{R}/candidates/{{search}}/{{fraction}}/start{{start}}.json", start=starts,
-                  task=wildcards.task, search=wildcards.search, fraction=wildcards.fraction)
-
-
-def selection_inputs(wildcards):
-    if config["tasks"][wildcards.task]["search"]["mode"] == "per_window":
-        return {"candidates": candidate_files(wildcards)}
-    paths = {"model": f"{R}/model/base", "data": f"{R}/data", **features_if_merge(wildcards)}
-    return {key: path.format(task=wildcards.task) for key, path in paths.items()}
-
 
 rule select_window:
     input:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Copy a finished run's figures and tables into docs/results/ (the copies the README shows), with the
-per-stage compute of every task from Snakemake's benchmark files.
+per-stage compute of every task from Snakemake's benchmark files and the run's disk footprint.
 
     python scripts/publish_results.py                 # after `snakemake --cores 2` of the default config
     python scripts/publish_results.py --results other_results --out docs/results
@@ -12,9 +12,9 @@ import argparse
 import shutil
 from pathlib import Path
 
-from ffmerge.report import stage_times
+from ffmerge.report import disk_footprint, footprint_text, stage_times
 
-FIGURES = ("figure2_ff_removed", "figure3_params_removed", "figure10_window_scores")
+FIGURES = ("figure2_ff_removed", "figure3_params_removed", "figure10_window_scores", "recovery_curves")
 TABLES = ("table9_results", "table2_windows", "table3_anchors", "table4_int8", "paper_comparison")
 
 
@@ -39,7 +39,10 @@ def main() -> None:
     totals = times.groupby("task", sort=False)[["jobs", "wall_s", "cpu_s"]].sum().reset_index()
     text = "Per task and rule: jobs, summed job wall time and CPU time (s), largest peak RSS (MB).\n\n"
     text += times.round(1).to_markdown(index=False) + "\n\nPer task:\n\n" + totals.round(1).to_markdown(index=False)
-    (args.out / "stage_times.md").write_text(text + "\n")
+    tasks = sorted(p.name for p in args.results.iterdir() if (p / "eval").is_dir())
+    footprint = footprint_text(disk_footprint(args.results, tasks))
+    text += "\n\nDisk footprint of the run (GB = 10^9 bytes):\n\n```\n" + footprint
+    (args.out / "stage_times.md").write_text(text + "\n```\n")
     print(f"wrote {args.out}: {len(FIGURES)} figures, {len(TABLES)} tables, CKA heatmaps, stage_times.md")
 
 

@@ -1049,3 +1049,35 @@ def test_report_rules(tmp_path):
             assert caption.parent == REPO / "report" and caption.is_file(), caption
             assert f.flags["report"].category in ("Figures", "Tables")
     assert {Path(f).suffix for f in wf.get_rule("figure_cka").output} == {".png", ".pdf"}
+
+
+def test_disk_footprint_attributes_every_byte_to_its_task_and_folder(tmp_path):
+    """Per task and folder, the allocated bytes of real files (a symlink to a large file counts as a link, not
+    as the file), the rest of the results folder as "(shared)", and a total that adds up."""
+    results = tmp_path / "results"
+    (results / "lm" / "models").mkdir(parents=True)
+    (results / "lm" / "features").mkdir()
+    (results / "logs").mkdir(parents=True)
+    (results / "lm" / "models" / "a.bin").write_bytes(b"x" * 300_000)
+    (results / "lm" / "features" / "f.bin").write_bytes(b"y" * 100_000)
+    (results / "logs" / "run.log").write_bytes(b"z" * 50_000)
+    outside = tmp_path / "big.bin"
+    outside.write_bytes(b"w" * 1_000_000)
+    (results / "lm" / "features" / "link").symlink_to(outside)
+
+    def blocks(*paths: Path) -> int:
+        return sum(p.lstat().st_blocks * 512 for p in paths)
+
+    frame = report.disk_footprint(results, ["lm", "vision"])
+    got = {(r.task, r.folder): r.bytes for r in frame.itertuples()}
+    lm = results / "lm"
+    assert got == {
+        ("lm", "models"): blocks(lm / "models" / "a.bin"),
+        ("lm", "features"): blocks(lm / "features" / "f.bin", lm / "features" / "link"),
+        ("(shared)", "logs"): blocks(results / "logs" / "run.log"),
+    }
+    assert got[("lm", "models")] >= 300_000 and got[("lm", "features")] < 1_000_000
+    assert list(frame[frame.task == "lm"].folder) == ["models", "features"]  # largest first
+    text = report.footprint_text(frame)
+    assert text.startswith(f"disk footprint {sum(got.values()) / 1e9:.2f} GB")
+    assert "  lm: " in text and "models" in text

@@ -336,6 +336,16 @@ def _dry_run(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=OFFLINE_ENV, timeout=300)
 
 
+def test_snakemake_lint_finds_nothing(tmp_path):
+    """`snakemake --lint` exits 1 on any lint (absolute-looking paths, functions in rule files, hard-coded
+    path-prefix params, undeclared environment variables) and 0 with its "good condition" message."""
+    command = [*SNAKEMAKE, "--lint", "-d", str(tmp_path)]
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=OFFLINE_ENV, timeout=300)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-5000:]
+    assert "Congratulations, your workflow is in a good condition!" in output
+
+
 def test_snakemake_refuses_a_broken_config_before_any_job(default_config, tmp_path):
     breaker, names = BROKEN["unknown key in a task"]
     breaker(default_config)

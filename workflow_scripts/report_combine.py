@@ -4,8 +4,9 @@ from ffmerge import figures
 from ffmerge.jobs import snakemake_job
 
 with snakemake_job(snakemake) as log:
-    what = snakemake.params.what
-    reader = {"int8": figures.read_int8, "results": figures.read_results}[what]
+    # params.table: "int8" (Table 4) or "table9"; the rule's param avoids "results", a prefix of the output paths
+    readers = {"int8": (figures.read_int8, "int8"), "table9": (figures.read_results, "results")}
+    reader, what = readers[snakemake.params.table]
     frames = figures.read_per_task(reader, snakemake.params.tasks, snakemake.input.tables)
     frame, notes = figures.combined_table(frames, what)
     for note in notes:

@@ -243,3 +243,38 @@ def stage_times(bench_dir: str | Path, logs_dir: str | Path | None = None) -> pd
     return grouped.agg(
         jobs=("wall_s", "size"), wall_s=("wall_s", "sum"), cpu_s=("cpu_s", "sum"), max_rss_mb=("rss_mb", "max")
     ).reset_index()
+
+
+def disk_footprint(results_dir: str | Path, tasks: Iterable[str]) -> pd.DataFrame:
+    """Bytes on disk per task and top-level folder (``model``, ``models``, ``features``, ``work``...), largest
+    first within each task, plus the rest of ``results_dir`` (logs, report) as task ``(shared)``.
+
+    A laptop run's footprint is dominated by checkpoints; printing it at the end of every run makes a
+    change in what is stored visible before the disk fills. Sizes are allocated blocks (``st_blocks``), what
+    ``du`` reports, so sparse or hard-linked files are not counted at their apparent size."""
+    root = Path(results_dir)
+    tasks = list(tasks)
+    rows: list[dict[str, Any]] = []
+    for entry in sorted(root.iterdir()) if root.is_dir() else []:
+        if entry.name in tasks and entry.is_dir():
+            rows += [{"task": entry.name, "folder": sub.name, "bytes": _allocated(sub)} for sub in entry.iterdir()]
+        else:
+            rows.append({"task": "(shared)", "folder": entry.name, "bytes": _allocated(entry)})
+    frame = pd.DataFrame.from_records(rows, columns=["task", "folder", "bytes"])
+    return frame.sort_values(["task", "bytes"], ascending=[True, False], kind="stable").reset_index(drop=True)
+
+
+def footprint_text(frame: pd.DataFrame) -> str:
+    """One line per task (total and its three largest folders) and the grand total, in GB (10^9 bytes)."""
+    lines = []
+    for task, group in frame.groupby("task", sort=True):
+        top = ", ".join(f"{r.folder} {r.bytes / 1e9:.2f}" for r in group.head(3).itertuples())
+        lines.append(f"  {task}: {group['bytes'].sum() / 1e9:.2f} GB ({top})")
+    return f"disk footprint {frame['bytes'].sum() / 1e9:.2f} GB\n" + "\n".join(lines)
+
+
+def _allocated(path: Path) -> int:
+    """Allocated bytes of a file or a whole tree, without following symlinks."""
+    if path.is_symlink() or not path.is_dir():
+        return path.lstat().st_blocks * 512
+    return sum(p.lstat().st_blocks * 512 for p in path.rglob("*") if not p.is_dir() or p.is_symlink())
