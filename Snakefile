@@ -27,9 +27,11 @@ coalesce_reevaluation_timers()
 
 validate(config, "schemas/config.schema.yaml")
 
-from ffmerge.workflow import preflight
+from ffmerge.workflow import check_results_dir, preflight
 
 preflight(config)
+# a results folder made with another model, data, seed or split sizes would be rebuilt over: refuse, naming the keys
+check_results_dir(config)
 
 
 include: "rules/common.smk"

@@ -25,7 +25,7 @@ rule prepare_data:
     output:
         directory(f"{R}/data"),
     params:
-        cfg=task_cfg("data", "splits", "image_size", "speech"),
+        cfg=task_cfg("data", "splits", "image_size", "speech", "bleu_tokenize"),
     log:
         f"{LOGS}/prepare_data.log",
     benchmark:

@@ -363,7 +363,10 @@ def test_audio_window_cuts_the_position_table_and_the_padding_together(tmp_path)
 def test_audio_window_refuses_other_models_and_windows_longer_than_the_models(tmp_path):
     marian = marian_folder(tmp_path / "marian")
     with pytest.raises(SourceError, match="Whisper models only"):
-        prepare_model({"kind": "local", "path": str(marian), "audio_window_s": 1}, tmp_path / "m")
+        prepare_model(
+            {"kind": "local", "path": str(marian), "auto_class": "AutoModelForSeq2SeqLM", "audio_window_s": 1},
+            tmp_path / "m",
+        )
     whisper = whisper_folder(tmp_path / "whisper")
     source = {"kind": "local", "path": str(whisper), "auto_class": "AutoModelForSpeechSeq2Seq", "audio_window_s": 2}
     with pytest.raises(SourceError, match="longer than the model's own window of 1 s"):
@@ -390,27 +393,35 @@ def test_prepared_folder_holds_splits_preprocessor_and_decoder_ids(translation, 
     assert json.loads((recognition[2] / seq2seq.TASK_RECORD).read_text())["multilingual"] is False
 
 
-def test_translation_calibration_marks_real_tokens_until_the_budget(translation):
+def test_translation_calibration_counts_source_tokens_and_takes_the_same_pairs_targets(translation):
     task, _, data_dir = translation
     tokenizer = T.AutoTokenizer.from_pretrained(data_dir / seq2seq.PREPROCESSOR_DIR)
     batches = list(task.calibration_batches(data_dir))
     pairs = load_translation_split(data_dir / seq2seq.SPLITS_DIR, "calib")
     budget = task.cfg["features"]["tokens"]
-    seen = {"encoder": 0, "decoder": 0}
-    for b, batch in enumerate(batches):
+    n_src = [len(tokenizer(source).input_ids) for source, _ in pairs]
+    n_tgt = [len(tokenizer(text_target=target).input_ids) for _, target in pairs]  # target tokens + </s>
+    # the pairs whose source tokens reach the budget; the last one's source is cut, its target kept whole
+    used = next(k for k in range(1, len(pairs) + 1) if sum(n_src[:k]) >= budget)
+    assert used < len(pairs), "the fixture must hold more source tokens than the budget"
+    rows = []
+    for batch in batches:
         assert "labels" not in batch
         masks = batch["token_masks"]
-        np.testing.assert_array_equal(masks["encoder"], batch["attention_mask"].bool())
-        for r, (source, target) in enumerate(pairs[2 * b : 2 * b + 2]):
-            n_src = len(tokenizer(source).input_ids)
-            n_tgt = len(tokenizer(text_target=target).input_ids)  # target tokens + </s>
-            assert int(masks["encoder"][r].sum()) == n_src
-            assert masks["decoder"][r].tolist() == [True] * n_tgt + [False] * (masks["decoder"].shape[1] - n_tgt)
-        for stack in seen:
-            seen[stack] += int(batch["token_masks"][stack].sum())
-        # the budget is reached only by the last batch: no batch is produced that the cache cannot use
-        assert (min(seen.values()) >= budget) == (b == len(batches) - 1)
-    assert 2 <= len(batches) and 2 * len(batches) < len(pairs)  # the budget, not the data, ended the batches
+        assert not (masks["encoder"] & ~batch["attention_mask"].bool()).any()  # never a padding position
+        rows += [(int(e.sum()), d.tolist()) for e, d in zip(masks["encoder"], masks["decoder"], strict=True)]
+    assert sum(e for e, _ in rows) == budget  # exactly the budget, counted on the source side
+    for r, (n_encoder, decoder) in enumerate(rows):
+        if r < used:
+            assert n_encoder == (n_src[r] if r < used - 1 else budget - sum(n_src[: used - 1]))
+            assert decoder == [True] * n_tgt[r] + [False] * (len(decoder) - n_tgt[r])  # the same pair's target
+        else:  # the rest of the last batch: not calibration data on either side
+            assert n_encoder == 0 and not any(decoder)
+    assert len(batches) == -(-used // 2)  # no batch after the budget was reached
+    assert task.calibration_tokens(data_dir) == {"encoder": budget, "decoder": sum(n_tgt[:used])}
+    task.cfg["features"]["tokens"] = sum(n_src) + 1
+    with pytest.raises(ValueError, match=r"calib split's 6 sentence pairs hold \d+ source tokens.*splits\.calib"):
+        task.calibration_tokens(data_dir)
 
 
 def test_speech_calibration_marks_encoder_positions_that_hold_audio(recognition):
@@ -432,10 +443,11 @@ def test_speech_calibration_marks_encoder_positions_that_hold_audio(recognition)
 def test_feature_cache_takes_the_budget_from_real_positions_only(which, request, tmp_path):
     task, model_dir, data_dir = request.getfixturevalue(which)
     model = _load(task, model_dir)
-    budget = task.cfg["features"]["tokens"]
+    budget = task.calibration_tokens(data_dir)  # translation: {stack: count}, counted on the source side
+    counts = budget if isinstance(budget, dict) else {"encoder": budget, "decoder": budget}
     batches = task.calibration_batches(data_dir)
     store = cache_features(model, batches, tmp_path / "features", n_tokens=budget, dtype="float32", progress=False)
-    assert store.n_tokens == {"encoder": budget, "decoder": budget}
+    assert store.n_tokens == counts
     # the cache's first rows are fc1's outputs at the first batch's real positions, padding skipped
     first = next(task.calibration_batches(data_dir))
     outputs: dict[str, torch.Tensor] = {}
@@ -451,7 +463,7 @@ def test_feature_cache_takes_the_budget_from_real_positions_only(which, request,
     assert set(outputs) == {"encoder", "decoder"}
     for stack, output in outputs.items():
         expected = output[first["token_masks"][stack]]
-        n = min(len(expected), budget)
+        n = min(len(expected), counts[stack])
         torch.testing.assert_close(store.load(stack, "pre", 0)[:n], expected[:n])
 
 
@@ -575,3 +587,111 @@ def test_tasks_declare_their_metric_direction_and_auto_class():
     assert TranslationTask.auto_class == "AutoModelForSeq2SeqLM"
     assert SpeechRecognitionTask.auto_class == "AutoModelForSpeechSeq2Seq"
     assert shutil.which("espeak-ng"), "espeak-ng must be installed for the speech tests (apt-get install espeak-ng)"
+
+
+# ------------------------------------------------------------------------------------------------
+# Decoding settings and the BLEU signature in result files
+# ------------------------------------------------------------------------------------------------
+
+
+def test_num_beams_none_keeps_the_models_generation_config_and_is_recorded(translation, monkeypatch):
+    task, model_dir, data_dir = translation
+    model = _load(task, model_dir)
+    model.generation_config.num_beams = 3  # as OPUS-MT ships beam search in its generation_config
+    tokenizer = T.AutoTokenizer.from_pretrained(data_dir / seq2seq.PREPROCESSOR_DIR)
+    references = [target for _, target in load_translation_split(data_dir / seq2seq.SPLITS_DIR, "valid")]
+    calls: list[dict] = []
+    monkeypatch.setattr(model, "generate", _planted_generate(tokenizer, references * 2, calls))
+    task.cfg["selection"] = {**SETTINGS, "num_beams": None}
+    task.score(model, data_dir, "valid", "selection", torch.device("cpu"))
+    assert "num_beams" not in calls[0]  # generate() falls back to generation_config
+    details = task.metric_details()
+    assert details["num_beams"] == 3 and details["num_beams_from"] == "generation_config"
+    assert details["tokenize"] == "13a" and "tok:13a" in details["signature"] and "nrefs:1" in details["signature"]
+    task.cfg["selection"] = {**SETTINGS, "num_beams": 2}
+    task.score(model, data_dir, "valid", "selection", torch.device("cpu"))
+    assert calls[-1]["num_beams"] == 2 and task.metric_details()["num_beams_from"] == "config"
+
+
+def test_real_beam_search_from_the_generation_config(translation):
+    task, model_dir, data_dir = translation
+    model = _load(task, model_dir)
+    model.generation_config.num_beams = 2
+    task.cfg["selection"] = {**SETTINGS, "num_beams": None}
+    beams = task.generate(model, task._context(data_dir), ["le train part"], task.cfg["selection"], torch.device("cpu"))
+    assert task.decoding == {"num_beams": 2, "num_beams_from": "generation_config", "max_new_tokens": 12}
+    task.cfg["selection"] = {**SETTINGS, "num_beams": 2}
+    assert task.generate(model, task._context(data_dir), ["le train part"], task.cfg["selection"], "cpu") == beams
+    assert task.decoding["num_beams"] == 2
+
+
+def test_bleu_tokenize_reaches_scoring_jobs_through_the_data_folder(tmp_path, monkeypatch):
+    corpus = tmp_path / "pairs"
+    corpus.mkdir()
+    _write_tsv(corpus / "dev.tsv", DEV_PAIRS)
+    model_dir = marian_folder(tmp_path / "marian")
+    cfg = _cfg("translation", {"kind": "local", "path": str(corpus)}, {"calib": 2, "valid": 2}, tokens=10)
+    TranslationTask({**cfg, "bleu_tokenize": "zh"}).prepare_data(model_dir, tmp_path / "data")
+    assert json.loads((tmp_path / "data" / seq2seq.TASK_RECORD).read_text())["bleu_tokenize"] == "zh"
+    job = TranslationTask(cfg)  # a scoring job's config holds no bleu_tokenize (rules pass only their blocks)
+    model = _load(job, model_dir)
+    tokenizer = T.AutoTokenizer.from_pretrained(tmp_path / "data" / seq2seq.PREPROCESSOR_DIR)
+    references = [t for _, t in load_translation_split(tmp_path / "data" / seq2seq.SPLITS_DIR, "valid")]
+    monkeypatch.setattr(model, "generate", _planted_generate(tokenizer, references, []))
+    job.score(model, tmp_path / "data", "valid", "selection", torch.device("cpu"))
+    assert job.metric_details()["tokenize"] == "zh" and "tok:zh" in job.metric_details()["signature"]
+
+
+def test_evaluation_file_stores_the_bleu_signature_and_the_table_shows_it(tmp_path):
+    from ffmerge import pipeline, report
+
+    corpus = tmp_path / "pairs"
+    corpus.mkdir()
+    _write_tsv(corpus / "dev.tsv", DEV_PAIRS[:4])
+    _write_tsv(corpus / "test.tsv", DEV_PAIRS[4:])
+    model_dir = marian_folder(tmp_path / "marian")
+    cfg = _cfg("translation", {"kind": "local", "path": str(corpus)}, {"calib": 2, "valid": 2, "test": 2}, tokens=10)
+    cfg["evaluation"] = {**SETTINGS, "num_beams": None}
+    pipeline.prepare_data(cfg, model_dir, tmp_path / "data")
+    result = pipeline.evaluate(cfg, model_dir, tmp_path / "data", tmp_path / "pre.json", "cpu")
+    stored = json.loads((tmp_path / "pre.json").read_text())
+    assert stored["metric"] == "bleu" and stored["test"] == result["test"]
+    assert stored["metric_tokenize"] == "13a" and stored["metric_signature"].startswith("nrefs:1|")
+    assert "version:" in stored["metric_signature"]
+    assert stored["decoding"] == {"num_beams": 1, "num_beams_from": "generation_config", "max_new_tokens": 12}
+    table = report.results_table(stored | {"variant": "base"}, [])
+    assert table["metric_signature"].tolist() == [stored["metric_signature"]]
+    assert "metric_signature" not in report.results_table(
+        {k: v for k, v in stored.items() if k != "metric_signature"}, []
+    )
+
+
+def test_translation_fine_tuning_reads_the_train_split_from_disk(translation):
+    from ffmerge.data.translation import PairFile
+
+    task, _, data_dir = translation
+    examples = task._load_examples(data_dir / seq2seq.SPLITS_DIR, "train")
+    assert isinstance(examples, PairFile)
+    assert list(examples) == load_translation_split(data_dir / seq2seq.SPLITS_DIR, "train")
+
+
+def test_per_stack_budgets_reach_the_feature_cache_and_the_repair_capture(tmp_path):
+    """Translation caches different counts per stack (source tokens vs the same pairs' target tokens); the cache
+    and the repair's input capture (repair.inputs: merged) must both take each stack's own count."""
+    from families import build
+    from families import calibration_batches as family_batches
+
+    from ffmerge.adapters import get_adapter
+    from ffmerge.repair import capture_inputs
+
+    model, _ = build("marian")
+    budget = {"encoder": 40, "decoder": 25}
+    store = cache_features(
+        model, family_batches("marian", 30), tmp_path / "f", n_tokens=budget, dtype="float32", progress=False
+    )
+    assert store.n_tokens == budget and store.load("decoder", "ff_in", 1).shape[0] == 25
+    windows = {s.name: [0, 1] for s in get_adapter(model).stacks}
+    captured = capture_inputs(model, windows, family_batches("marian", 30), budget)
+    for stack, layers in captured.items():
+        for j, x in layers.items():
+            torch.testing.assert_close(x, store.load(stack, "ff_in", j), rtol=1e-5, atol=1e-6)

@@ -167,5 +167,48 @@ def load_model(path: str | Path, *, auto_class: str = "AutoModel", device: str |
         return load_compressed(path, device=device)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} holds no model (no config.json); rerun the step that writes it")
-    cls = getattr(transformers, auto_class)
-    return cls.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    model, _ = load_pretrained(
+        getattr(transformers, auto_class), path, fix=f"delete {path} and rerun the step that writes it"
+    )
+    return model.to(device).eval()
+
+
+def load_pretrained(cls: Any, path: Path, *, fix: str, strict_trunk: bool = False) -> tuple[nn.Module, dict]:
+    """``cls.from_pretrained(path)`` in float32 whose failures name the folder, the cause and ``fix``.
+
+    transformers reports a truncated weights file as a safetensors header error and a config whose shapes
+    differ from the weights as "ignore_mismatched_sizes", without the folder; worse, weights that lack layers
+    the config asks for only log a table and initialise those layers at random. With ``strict_trunk`` that
+    is an error; a missing task head is left to the caller (the linear probe fits one on a bare backbone).
+    """
+    try:
+        model, info = cls.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    except Exception as err:
+        text = f"{type(err).__name__}: {err}"
+        if "deserializ" in text or "header" in text or type(err).__name__ == "SafetensorError":
+            problem = "its weights file is truncated or corrupt"
+        elif "mismatch" in text:
+            problem = "its weights do not match its config.json (tensor shapes differ)"
+        elif "no file named" in text:
+            problem = "it has a config.json but no weights file (half-saved?)"
+        else:
+            problem = "transformers cannot load it"
+        raise RuntimeError(f"cannot load the model in {path}: {problem} ({text.splitlines()[0][:300]}); {fix}") from err
+    missing = sorted(info.get("missing_keys") or [])
+    if strict_trunk and missing:
+        prefix = f"{model.base_model_prefix}."
+        trunk = [k for k in missing if model.base_model is model or k.startswith(prefix)]
+        saved_as = list(getattr(model.config, "architectures", None) or [])
+        if trunk and saved_as and type(model).__name__ not in saved_as:
+            raise RuntimeError(
+                f"cannot load the model in {path}: it was saved as {saved_as[0]} but loads as {type(model).__name__}, "
+                f"which lacks {len(trunk)} of its tensors (e.g. {trunk[:3]}); set model.auto_class to the Auto class "
+                f"of {saved_as[0]} (e.g. AutoModelForSeq2SeqLM for a translation model)"
+            )
+        if trunk:
+            raise RuntimeError(
+                f"cannot load the model in {path}: its weights do not match its config.json: {len(trunk)} tensors "
+                f"the config asks for are missing from the weights (e.g. {trunk[:3]}), and transformers would "
+                f"initialise them at random; {fix}"
+            )
+    return model, info

@@ -29,11 +29,20 @@ def parse_fraction_label(label: str) -> str:
 
 def removed_count(n_layers: int, fraction: str) -> int:
     """FF sublayers removed from a stack of ``n_layers``: 1/3 of 30 -> 10, all-but-one of 30 -> 29."""
+    if n_layers < 2:
+        raise ValueError(
+            f"a stack of {n_layers} layer(s) has no FF sublayer to remove while keeping one; compress a model with at "
+            "least 2 layers per stack"
+        )
     if fraction == ALL_BUT_ONE:
         return n_layers - 1
     removed = round(n_layers * Fraction(fraction))
     if not 1 <= removed <= n_layers - 1:
-        raise ValueError(f"fraction {fraction} of {n_layers} layers removes {removed} FF sublayers")
+        what = "nothing" if removed < 1 else "every FF sublayer"
+        raise ValueError(
+            f"experiments.fractions: {fraction} of {n_layers} layers removes {removed} FF sublayers ({what}); use a "
+            f"fraction between 1/{n_layers} and {n_layers - 1}/{n_layers}, or all-but-one"
+        )
     return removed
 
 

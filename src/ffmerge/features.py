@@ -157,7 +157,7 @@ def cache_features(
     batches: Iterable[Mapping[str, Any]],
     out_dir: str | Path,
     *,
-    n_tokens: int,
+    n_tokens: int | Mapping[str, int],
     feature: str = "auto",
     kinds: tuple[str, ...] = KINDS,
     dtype: str = "float16",
@@ -165,7 +165,8 @@ def cache_features(
     forward: Any = None,
     progress: bool = True,
 ) -> FeatureStore:
-    """Run ``batches`` through ``model`` until every stack has recorded exactly ``n_tokens`` positions.
+    """Run ``batches`` through ``model`` until every stack has recorded exactly ``n_tokens`` positions (one
+    budget for all stacks, or a mapping ``{stack: positions}``).
 
     Each batch is a mapping of model inputs plus ``token_masks``: ``{stack: bool tensor [B, T]}`` marking
     the real tokens (or patches) of that stack. Positions are taken in batch order, so the sample is
@@ -183,6 +184,7 @@ def cache_features(
     with atomic_output_dir(out_dir, MANIFEST) as tmp_dir:
         model.eval()
         stacks = [s.name for s in adapter.stacks]
+        budget = dict(n_tokens) if isinstance(n_tokens, Mapping) else dict.fromkeys(stacks, n_tokens)
         taken = {s: 0 for s in stacks}
         current: dict[str, torch.Tensor] = {}
         writers: dict[tuple[str, str, int], StreamingSafetensorsWriter] = {}
@@ -193,7 +195,7 @@ def cache_features(
             if key not in writers:
                 path = FeatureStore(tmp_dir).path(stack, kind, layer)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                writers[key] = StreamingSafetensorsWriter(path, n_tokens, width, dtype, meta | {"kind": kind})
+                writers[key] = StreamingSafetensorsWriter(path, budget[stack], width, dtype, meta | {"kind": kind})
             return writers[key]
 
         def hook_for(stack: str, kind: str, layer: int, use_input: bool):
@@ -210,14 +212,14 @@ def cache_features(
                 hook = hook_for(stack, kind, layer, use_input)
                 register = module.register_forward_pre_hook if use_input else module.register_forward_hook
                 stack_ctx.callback(register(hook).remove)
-            bar = tqdm(total=n_tokens * len(stacks), desc="caching features", unit="tok", disable=not progress)
+            bar = tqdm(total=sum(budget[s] for s in stacks), desc="caching features", unit="tok", disable=not progress)
             try:
                 for batch in batches:
-                    if all(taken[s] >= n_tokens for s in stacks):
+                    if all(taken[s] >= budget[s] for s in stacks):
                         break
                     current.clear()
                     for name, mask in batch["token_masks"].items():
-                        mask = first_positions(mask.to(torch.bool), n_tokens - taken[name])
+                        mask = first_positions(mask.to(torch.bool), budget[name] - taken[name])
                         if mask.any():
                             current[name] = mask.to(device)
                             taken[name] += int(mask.sum())
@@ -229,7 +231,7 @@ def cache_features(
                     }
                     (forward or trunk_forward(adapter))(model, inputs)
                 bar.close()
-                short = {s: taken[s] for s in stacks if taken[s] < n_tokens}
+                short = {s: taken[s] for s in stacks if taken[s] < budget[s]}
                 if short:
                     raise ValueError(
                         f"the calibration data ran out after {short} tokens; {n_tokens} were asked for. Lower the "
@@ -246,7 +248,7 @@ def cache_features(
             "feature": feature,
             "dtype": dtype,
             "kinds": list(kinds),
-            "n_tokens": {s: n_tokens for s in stacks},
+            "n_tokens": {s: budget[s] for s in stacks},
             "num_layers": {s: adapter.num_layers(model, s) for s in stacks},
         }
         (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -19,7 +19,6 @@ Files in ``work_dir``:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -37,6 +36,8 @@ from transformers import (
     get_inverse_sqrt_schedule,
     get_polynomial_decay_schedule_with_warmup,
 )
+
+from .atomic import disk_full_error, is_disk_full, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -427,18 +428,27 @@ def _load_checkpoint(path: Path, required: tuple[str, ...], *, mmap: bool = Fals
 def _atomic_save(obj: Any, path: Path) -> None:
     """A kill mid-write must leave the previous file intact, so write aside and rename over it."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)  # a partial copy of a 1.6 GB state would keep the disk full
+        if is_disk_full(err):
+            kept = (
+                f"The previous {path.name} is intact, so a rerun resumes from it."
+                if path.exists()
+                else "No earlier checkpoint exists, so a rerun starts this fine-tune again."
+            )
+            raise disk_full_error(path, kept) from err
+        raise
     os.replace(tmp, path)
 
 
 def _write_history(work_dir: Path, result: FinetuneResult) -> None:
     """Write the evaluations as JSON atomically, so readers never see half a file."""
-    tmp = work_dir / f".{HISTORY_FILE}.tmp"
-    tmp.write_text(json.dumps(asdict(result), indent=2))
-    os.replace(tmp, work_dir / HISTORY_FILE)
+    write_json(work_dir / HISTORY_FILE, asdict(result))  # a full disk is reported as such, see ffmerge.atomic
 
 
 def _seed_everything(seed: int) -> None:

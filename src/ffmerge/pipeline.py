@@ -89,7 +89,7 @@ def cache(cfg: dict, model_dir: Path, data_dir: Path, out_dir: Path, device: str
         model,
         task.calibration_batches(Path(data_dir)),
         out_dir,
-        n_tokens=f["tokens"],
+        n_tokens=task.calibration_tokens(Path(data_dir)),
         feature=f["feature"],
         dtype=f["dtype"],
         device=dev,
@@ -193,6 +193,7 @@ def candidate(
         "metric": task.metric,
         "valid": metric,
         "parameters": model.num_parameters(),
+        **_metric_details(task),
     }
     write_json(out_json, result)
     return result
@@ -257,7 +258,7 @@ def search(
         }
         for r in results
     ]
-    return _write_selection(rows, task, out_json)
+    return _write_selection(rows, task, out_json, _metric_details(task))
 
 
 class _WholeScorer:
@@ -276,7 +277,7 @@ class _WholeScorer:
         return sums["metric"]
 
 
-def _write_selection(rows: list[dict], task: Any, out_json: Path) -> dict:
+def _write_selection(rows: list[dict], task: Any, out_json: Path, details: dict | None = None) -> dict:
     """Keep the best fully scored window; ties go to the earliest start so the choice is deterministic.
 
     Windows scored only on a screening share (``share`` < 1) are reported but never chosen.
@@ -301,6 +302,8 @@ def _write_selection(rows: list[dict], task: Any, out_json: Path) -> dict:
         "best_valid": best["valid"],
         "scores": {str(r["start"]): r["valid"] for r in rows},
         "screened": {str(r["start"]): r["share"] for r in rows if r.get("share", 1.0) < 1.0},
+        # the candidates' metric details (per-window jobs: the best one's), e.g. the sacrebleu signature
+        **(details if details is not None else {k: best[k] for k in METRIC_DETAIL_KEYS if k in best}),
     }
     write_json(out_json, result)
     return result
@@ -315,7 +318,10 @@ def choose_start(selection: dict, choice: str, seed: int) -> int:
     starts = sorted(int(s) for s in selection["scores"])
     picks = random_starts(starts, selection["best_start"], index + 1, seed)
     if index >= len(picks):
-        raise ValueError(f"only {len(picks)} windows other than the best exist; {choice} is not available")
+        raise ValueError(
+            f"only {len(picks)} windows other than the best exist; {choice} is not available: lower "
+            f"experiments.random_windows to at most {len(picks)}"
+        )
     return picks[index]
 
 
@@ -432,6 +438,7 @@ def run_finetune(
         "finetune": {
             "best_valid": result.best_metric,
             "best_step": result.best_step,
+            **_metric_details(task),
             "steps": result.steps_done,
             "resumed_from": result.resumed_from,
             "budget": {"unit": task.budget_unit, "per_step": per_step, "total": per_step * result.steps_done},
@@ -451,6 +458,25 @@ def run_finetune(
         # the finished model is saved; the resume state (weights plus AdamW moments) is only dead weight now
         shutil.rmtree(work_dir, ignore_errors=True)
     return extra
+
+
+# result-file fields that say how the metric was computed (translation: BLEU's sacrebleu signature etc.)
+METRIC_DETAIL_KEYS = ("metric_signature", "metric_tokenize", "decoding")
+
+
+def _metric_details(task: Any) -> dict:
+    """``metric_signature``, ``metric_tokenize`` and ``decoding`` of the task's last score, where it has them
+    (translation: sacrebleu's signature, e.g. "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0",
+    its tokenizer, and the beams and length limit used); nothing for tasks without such details."""
+    details = task.metric_details() if hasattr(task, "metric_details") else {}  # duck-typed tasks may lack it
+    if not details:
+        return {}
+    decoding = {k: details[k] for k in ("num_beams", "num_beams_from", "max_new_tokens") if k in details}
+    return {
+        "metric_signature": details.get("signature"),
+        "metric_tokenize": details.get("tokenize"),
+        "decoding": decoding,
+    }
 
 
 def _source_extra(model_dir: Path) -> dict:
@@ -481,6 +507,7 @@ def _write_test_record(
     result = {
         "metric": task.metric,
         "test": task.score(model, Path(data_dir), "test", "evaluation", dev),
+        **_metric_details(task),
         "size": size_report(model).as_dict(),
         **{k: extra.get(k) for k in ("variant", "fraction", "choice", "start", "windows", "repair", "finetune")},
     }
@@ -515,6 +542,7 @@ def int8(cfg: dict, model_dir: Path, data_dir: Path, out_json: Path, device: str
     result = {
         "metric": task.metric,
         "test": task.score(quantized, Path(data_dir), "test", "evaluation", dev),
+        **_metric_details(task),
         "bytes_float": float_bytes,
         "bytes_int8": int8_size_bytes(quantized),
         **{k: extra.get(k) for k in ("variant", "fraction", "choice", "start", "windows")},

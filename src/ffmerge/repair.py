@@ -187,10 +187,11 @@ def capture_inputs(
     model: nn.Module,
     windows: Mapping[str, list[int]],
     batches: Iterable[Mapping[str, Any]],
-    n_tokens: int,
+    n_tokens: int | Mapping[str, int],
     device: torch.device | str = "cpu",
 ) -> dict[str, dict[int, torch.Tensor]]:
-    """The FF inputs the model's own layers see on the calibration batches (first ``n_tokens`` positions).
+    """The FF inputs the model's own layers see on the calibration batches (first ``n_tokens`` positions, one
+    count for every stack or ``{stack: count}``, as the feature cache took them).
 
     The members of a merged window share one module object, so a hook on it alone cannot tell the layers
     apart: a pre-hook on each member *layer* names the layer that is running, and the shared input
@@ -201,6 +202,7 @@ def capture_inputs(
     running: dict[str, int | None] = {s: None for s in windows}
     masks: dict[str, torch.Tensor] = {}
     taken = {s: 0 for s in windows}
+    budget = {s: n_tokens[s] if isinstance(n_tokens, Mapping) else n_tokens for s in windows}
 
     def on_layer(stack: str, j: int | None) -> Callable:
         def hook(module: nn.Module, args: Any, kwargs: Any = None) -> None:
@@ -229,17 +231,17 @@ def capture_inputs(
         forward = trunk_forward(adapter)
         model.eval()
         for batch in batches:
-            if all(taken[s] >= n_tokens for s in windows):
+            if all(taken[s] >= budget[s] for s in windows):
                 break
             masks.clear()
             for stack in windows:
-                mask = first_positions(batch["token_masks"][stack].to(torch.bool), n_tokens - taken[stack])
+                mask = first_positions(batch["token_masks"][stack].to(torch.bool), budget[stack] - taken[stack])
                 if mask.any():
                     masks[stack] = mask.to(device)
                     taken[stack] += int(mask.sum())
             inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items() if k != "token_masks"}
             forward(model, inputs)
-    short = {s: t for s, t in taken.items() if t < n_tokens}
+    short = {s: t for s, t in taken.items() if t < budget[s]}
     if short:
         raise ValueError(f"the calibration data ran out after {short} tokens; {n_tokens} were asked for")
     return {s: {j: torch.cat(parts) for j, parts in per.items()} for s, per in rows.items()}
@@ -352,7 +354,7 @@ def merge_and_repair(
     if cfg.inputs == "merged":
         if calibration is None:
             raise ValueError("repair.inputs: merged needs the calibration batches")
-        n_tokens = min(len(d.y[d.layers[0]]) for d in data.values())
+        n_tokens = {stack: len(d.y[d.layers[0]]) for stack, d in data.items()}  # what the cache holds per stack
         captured = capture_inputs(model, windows, calibration(), n_tokens, device)
         for stack, per_layer in captured.items():
             data[stack].x = {j: x.to(data[stack].y[j].device) for j, x in per_layer.items()}

@@ -57,7 +57,8 @@ def budget_text(finetune: dict | None) -> str:
 def results_table(base: dict, rows: list[dict]) -> pd.DataFrame:
     """The paper's Table 9 layout: metric per fraction x method after fine-tuning, with sizes; then the local
     repair error (``repair_error``, from pre.json) and the recovery budget (``ft_budget``, from post.json), at
-    the end so the paper's columns keep their places."""
+    the end so the paper's columns keep their places. Tasks whose result files carry a ``metric_signature``
+    (translation: sacrebleu's BLEU signature) get it as a last column; the others' tables are unchanged."""
     base_params = base["size"]["parameters"]
     records = [
         {
@@ -96,7 +97,11 @@ def results_table(base: dict, rows: list[dict]) -> pd.DataFrame:
                 "ft_budget": budget_text(r.get("finetune")),
             }
         )
-    return pd.DataFrame.from_records(records)
+    frame = pd.DataFrame.from_records(records)
+    signatures = [r.get("metric_signature") for r in (base, *rows)]
+    if any(signatures):  # translation: which BLEU (sacrebleu's signature: tokenizer, version, ...), last column
+        frame["metric_signature"] = [s or "" for s in signatures]
+    return frame
 
 
 RECOVERY_COLUMNS = ["variant", "fraction", "choice", "metric", "step", "seen", "unit", "valid", "train_loss"]

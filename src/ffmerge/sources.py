@@ -222,10 +222,16 @@ def _load_hub(source: dict, auto_class: type) -> tuple[Any, Any, dict]:
 
 
 def _load_local(source: dict, auto_class: type) -> tuple[Any, Any, dict]:
+    from .checkpoint import load_pretrained  # imports the adapters; only local sources need it
+
     path = Path(source["path"])
     if not (path / "config.json").exists():
         raise SourceError(f"{path} is not a transformers model folder (no config.json)")
-    model = auto_class.from_pretrained(path, dtype=torch.float32)
+    fix = "copy the model folder again, complete (config.json and weights saved together by save_pretrained)"
+    try:
+        model, _ = load_pretrained(auto_class, path, fix=fix, strict_trunk=True)
+    except RuntimeError as err:
+        raise SourceError(str(err)) from err
     return model, _load_preprocessor(path), {"origin": "local"}
 
 

@@ -146,6 +146,7 @@ class FolderPool(Pool):
             path, label = self.files[i]
             with Image.open(path) as image:
                 image.load()
+                check_mode(image, str(path))
                 yield image, label
 
 
@@ -342,8 +343,24 @@ def _write_split(
     return {"n_images": len(indices), "pool": pool.name, "shards": shards, "class_counts": counts.tolist()}
 
 
+# 16/32-bit integer and float images: PIL's RGB conversion clips every value above 255 (a 16-bit scan becomes
+# almost white) and keeps floats in [0, 1] as 0 or 1 (almost black), without a warning.
+HIGH_DEPTH_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+
+def check_mode(image: Image.Image, where: str) -> None:
+    """Refuse images whose pixels do not fit 8 bits, instead of letting PIL clip them silently."""
+    if image.mode in HIGH_DEPTH_MODES:
+        raise SourceError(
+            f"{where}: image mode {image.mode!r} (16/32-bit or float pixels) would be clipped to 8-bit RGB and lose "
+            "its content. Convert the images to 8-bit grayscale or RGB first (e.g. ImageMagick: mogrify -depth 8 "
+            "-normalize *.png, or PIL: scale to 0..255 and convert('L'))."
+        )
+
+
 def to_pixels(image: Image.Image, size: int, crop_fraction: float = 1.0) -> np.ndarray:
     """uint8 ``[3, size, size]``: shorter side to ``size / crop_fraction`` (bicubic), then a centre crop."""
+    check_mode(image, "an image of the source")
     image = image.convert("RGB")
     width, height = image.size
     scale = size / crop_fraction / min(width, height)

@@ -78,12 +78,15 @@ def prepare_text_splits(
     out_dir: str | Path,
     budgets: dict[str, int],
     seed: int,
+    vocab_size: int | None = None,
 ) -> dict:
     """Write ``{split}.safetensors`` (int32 ``input_ids``) and ``splits.json`` into ``out_dir``.
 
     Returns the content of ``splits.json``. Documents are shuffled with ``seed`` and handed out
     whole, in :data:`SPLIT_ORDER`, to the splits sharing a pool; the last document of a split is
     cut to meet the budget exactly and its remainder is dropped rather than given to another split.
+    ``vocab_size`` (the model's embedding rows) refuses a tokenizer that is not the model's before anything is
+    written: its ids would index past the embedding table, or worse, silently mean other tokens.
     """
     check_split_counts(budgets, "token")
     eos_id = _eos_id(tokenizer)
@@ -94,6 +97,12 @@ def prepare_text_splits(
         pool = split_pool(source, split)
         if pool not in pools:
             raise SourceError(f"Split {split!r} needs pool {pool!r}, which the source lacks (has: {sorted(pools)})")
+        if not pools[pool]:
+            raise SourceError(
+                f"Text source pool {pool!r} (for split {split!r}) holds no document with text: every one is empty "
+                "or whitespace. Point the data block at a corpus with text (data.file, or data.text_field for a hub "
+                "dataset)."
+            )
         ids, n_docs = _take_tokens(pools[pool], cursors[pool], budgets[split], tokenizer, eos_id)
         if len(ids) < budgets[split]:
             raise SourceError(
@@ -104,6 +113,8 @@ def prepare_text_splits(
         cursors[pool] += n_docs
         streams[split] = torch.tensor(ids[: budgets[split]], dtype=torch.int32)
         info[split] = {"n_tokens": budgets[split], "n_documents": n_docs, "pool": pool}
+    if vocab_size is not None:
+        _check_vocab(streams, tokenizer, vocab_size)
     record = {"seed": seed, "source": source, "tokenizer": _tokenizer_record(tokenizer), "splits": info}
     with atomic_output_dir(out_dir, SPLITS_RECORD) as tmp:
         for split, ids in streams.items():
@@ -136,6 +147,14 @@ def _wiki_offline_documents(source: dict) -> list[str]:
     spec = {**WIKI_OFFLINE_DEFAULTS, **source}
     path = locate_package_file(spec["package"], spec["file"])
     entries = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(entries, dict):
+        raise SourceError(f"{path} holds a {type(entries).__name__}, not {{title: {{'extract': text}}}}; fix data.file")
+    bad = sorted(t for t, e in entries.items() if not isinstance(e, dict) or not isinstance(e.get("extract"), str))
+    if bad:
+        raise SourceError(
+            f"{path}: {len(bad)} entries have no text 'extract' (e.g. {bad[:3]}); every entry must be "
+            "{title: {'extract': text}}. Fix or remove those entries, or point data.file at a text dump."
+        )
     return [entries[title]["extract"] for title in sorted(entries) if entries[title]["extract"].strip()]
 
 
@@ -159,7 +178,25 @@ def _hub_documents(source: dict) -> dict[str, list[str]]:
         raise SourceError(f"Could not load dataset {path!r} ({name}) from the hub: {exc}") from exc
     field = source.get("text_field", "text")
     to_documents = _wikitext_articles if path.rstrip("/").endswith("wikitext") else _non_empty_rows
-    return {split: to_documents(dataset[split][field]) for split in dataset}
+    return {split: to_documents(_text_rows(dataset[split], field, f"{path} split {split!r}")) for split in dataset}
+
+
+def _text_rows(dataset: Any, field: str, where: str) -> list[str]:
+    """The column ``field`` as text; missing values (None) become empty rows, anything else is refused.
+
+    A column of labels or token ids would otherwise fail deep inside the tokenizer, or be tokenized as digits.
+    """
+    columns = list(getattr(dataset, "column_names", []) or [])
+    if columns and field not in columns:
+        raise SourceError(f"{where} has no column {field!r} (has: {columns}); set data.text_field to its text column")
+    rows = dataset[field]
+    bad = next((row for row in rows if row is not None and not isinstance(row, str)), None)
+    if bad is not None:
+        raise SourceError(
+            f"{where}: column {field!r} holds {type(bad).__name__} values such as {bad!r}, not text; set "
+            "data.text_field to the dataset's text column"
+        )
+    return ["" if row is None else row for row in rows]
 
 
 def _non_empty_rows(rows: list[str]) -> list[str]:
@@ -222,6 +259,18 @@ def _eos_id(tokenizer: Any) -> int:
     if tokenizer.eos_token_id is None:
         raise SourceError(f"Tokenizer {tokenizer.name_or_path!r} has no EOS token to separate documents")
     return tokenizer.eos_token_id
+
+
+def _check_vocab(streams: dict[str, torch.Tensor], tokenizer: Any, vocab_size: int) -> None:
+    """Refuse token ids the model has no embedding for: the tokenizer belongs to another model."""
+    top = max(int(ids.max()) for ids in streams.values())
+    if top >= vocab_size:
+        raise SourceError(
+            f"Tokenizer {tokenizer.name_or_path!r} ({len(tokenizer)} tokens) gives token id {top}, but the model has "
+            f"only {vocab_size} embeddings (vocab_size in its config.json): the tokenizer files do not belong to this "
+            "model. Put the model's own tokenizer files beside its weights in the source folder and rerun "
+            "prepare_model and prepare_data."
+        )
 
 
 def _tokenizer_record(tokenizer: Any) -> dict:

@@ -193,4 +193,7 @@ def _check_context(model: torch.nn.Module, window: int) -> None:
     config = getattr(model, "config", None)
     max_context = getattr(config, "max_position_embeddings", None)
     if isinstance(max_context, int) and window > max_context:
-        raise ValueError(f"window {window} exceeds the model's context of {max_context} tokens")
+        raise ValueError(
+            f"window {window} exceeds the model's context of {max_context} tokens (max_position_embeddings); set the "
+            f"task's selection.window and evaluation.window to at most {max_context} (and stride to at most that)"
+        )

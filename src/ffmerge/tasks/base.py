@@ -52,6 +52,16 @@ class Task:
         """Batches of model inputs plus ``token_masks`` ``{stack: bool [B, T]}`` of the real positions."""
         raise NotImplementedError
 
+    def calibration_tokens(self, data_dir: Path) -> int | dict[str, int]:
+        """Positions the feature cache takes from :meth:`calibration_batches`: one budget for every stack, or
+        a count per stack (translation counts source tokens; the decoder takes the same pairs' targets)."""
+        return self.cfg["features"]["tokens"]
+
+    def metric_details(self) -> dict[str, Any]:
+        """What the last :meth:`score` used beyond the metric's name (e.g. the sacrebleu signature), for result
+        files; empty where there is nothing to add."""
+        return {}
+
     def scorer(self, data_dir: Path, split: str, setting: str, device: torch.device) -> Scorer | None:
         """A batch-addressable scorer, or None when the metric cannot be split (e.g. corpus BLEU).
 

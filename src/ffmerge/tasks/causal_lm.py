@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from ..data.text import load_split, prepare_text_splits
 from ..finetune import causal_lm_loss, causal_lm_outputs, lm_batches
@@ -28,7 +28,10 @@ class CausalLMTask(Task):
 
     def prepare_data(self, model_dir: Path, out_dir: Path) -> dict[str, Any]:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        return prepare_text_splits(self.cfg["data"], tokenizer, out_dir, self.cfg["splits"], self.cfg["seed"])
+        vocab_size = getattr(AutoConfig.from_pretrained(model_dir), "vocab_size", None)
+        return prepare_text_splits(
+            self.cfg["data"], tokenizer, out_dir, self.cfg["splits"], self.cfg["seed"], vocab_size=vocab_size
+        )
 
     def calibration_batches(self, data_dir: Path) -> Iterator[dict[str, Any]]:
         """The calibration stream cut into rows of ``seq_len`` tokens (no padding, so every token counts)."""

@@ -93,7 +93,10 @@ def tokens_per_image(config: Any, image_size: int) -> int:
     """Encoder positions per square image: CLS + register tokens + one per whole patch."""
     patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
     if image_size < patch:
-        raise ValueError(f"image_size {image_size} is smaller than the model's patch size {patch}")
+        raise ValueError(
+            f"image_size {image_size} is smaller than the model's patch size {patch}: the image would have no patch; "
+            f"set the task's image_size to at least {patch} (a multiple of {patch} uses every pixel)"
+        )
     return 1 + getattr(config, "num_register_tokens", 0) + (image_size // patch) ** 2
 
 

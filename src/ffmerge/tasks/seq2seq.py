@@ -3,8 +3,9 @@
 Both share one recipe, kept in :class:`Seq2SeqTask`: the encoder reads the source (tokens or log-mel
 frames), the decoder is teacher-forced on the reference for calibration and fine-tuning (labels
 shifted right exactly as the model family's own ``shift_tokens_right`` does, padding -> -100 in the
-loss), and quality is measured on greedy generations with fixed settings. Subclasses only say how
-to read their data and turn a source into encoder inputs.
+loss), and quality is measured on generations with fixed settings: the model's own
+``generation_config`` (beam search for OPUS-MT, as its published scores use) unless the setting block's
+``num_beams`` overrides it. Subclasses only say how to read their data and turn a source into encoder inputs.
 
 ``prepare_data`` writes a self-contained data folder, because calibration and fine-tuning get only
 that folder (never the model folder) and a compressed checkpoint may carry no preprocessor files:
@@ -32,7 +33,8 @@ from transformers.models.whisper.modeling_whisper import shift_tokens_right as w
 
 from ..atomic import atomic_output_dir
 from ..data.speech import load_speech_split, prepare_speech_splits
-from ..data.translation import load_translation_split, prepare_translation_splits
+from ..data.translation import load_translation_split, open_translation_split, prepare_translation_splits
+from ..features import first_positions
 from ..finetune import TrainingOutputs
 from ..metrics.generation import bleu, wer
 from ..sources import write_json
@@ -44,7 +46,6 @@ SPLITS_DIR = "splits"
 PREPROCESSOR_DIR = "preprocessor"
 TASK_RECORD = "seq2seq.json"
 IGNORE_INDEX = -100  # positions the cross-entropy skips (transformers' convention)
-DEFAULT_NUM_BEAMS = 1  # greedy: deterministic and cheap, and what matters is the gap between variants
 WHISPER_CONV_STRIDE = 2  # Whisper's second encoder convolution halves the log-mel frame rate
 WHISPER_LANGUAGE, WHISPER_TASK = "en", "transcribe"  # multilingual checkpoints transcribe English
 
@@ -70,6 +71,7 @@ class Seq2SeqTask(Task):
     def __init__(self, cfg: dict[str, Any]):
         super().__init__(cfg)
         self._contexts: dict[Path, _Context] = {}
+        self.decoding: dict[str, Any] = {}  # the last generate()'s beams and length limit
 
     @staticmethod
     def training_outputs(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> TrainingOutputs:
@@ -143,7 +145,7 @@ class Seq2SeqTask(Task):
                 return
 
     def score(self, model: nn.Module, data_dir: Path, split: str, setting: str, device: torch.device) -> float:
-        """Greedy (by default) generation on ``split`` with the ``setting`` block's limits, then the metric."""
+        """Generation on ``split`` with the ``setting`` block's limits and beams, then the metric."""
         settings = self.cfg[setting]
         ctx = self._context(data_dir)
         examples = self._load_examples(Path(data_dir) / SPLITS_DIR, split)
@@ -172,13 +174,21 @@ class Seq2SeqTask(Task):
     def generate(
         self, model: nn.Module, ctx: _Context, sources: Sequence[Any], settings: Mapping[str, Any], device: torch.device
     ) -> list[str]:
-        """Decoded generations of ``sources`` (special tokens removed, whitespace stripped)."""
+        """Decoded generations of ``sources`` (special tokens removed, whitespace stripped).
+
+        ``num_beams`` None (the default) keeps the model's ``generation_config`` value (opus-mt-zh-en ships 6
+        beams, Whisper 1); an integer overrides it (1 = greedy). ``self.decoding`` records what was used.
+        """
         model.eval()
-        options = {
-            "max_new_tokens": settings["max_new_tokens"],
-            "num_beams": settings.get("num_beams", DEFAULT_NUM_BEAMS),
-            "do_sample": False,
-            **self._generate_kwargs(ctx),
+        options = {"max_new_tokens": settings["max_new_tokens"], "do_sample": False, **self._generate_kwargs(ctx)}
+        if settings.get("num_beams") is not None:
+            options["num_beams"] = settings["num_beams"]
+        # transformers 5 leaves unset generation options None, meaning its default of 1 beam
+        model_beams = getattr(getattr(model, "generation_config", None), "num_beams", None) or 1
+        self.decoding = {
+            "num_beams": options.get("num_beams", model_beams),
+            "num_beams_from": "config" if "num_beams" in options else "generation_config",
+            "max_new_tokens": options["max_new_tokens"],
         }
         texts: list[str] = []
         with torch.inference_mode():
@@ -239,7 +249,16 @@ class Seq2SeqTask(Task):
 
 
 class TranslationTask(Seq2SeqTask):
-    """Machine translation (the paper's OPUS-MT zh-en on Tatoeba), scored with sacrebleu corpus BLEU."""
+    """Machine translation (the paper's OPUS-MT zh-en on Tatoeba), scored with sacrebleu corpus BLEU.
+
+    Calibration counts its budget on the source side, as the paper's "10k tokens": the encoder gets exactly
+    ``features.tokens`` source tokens (calib pairs in file order, the last one cut), and the decoder gets
+    every target token of those same pairs (the start token and the reference, the cut pair's included), so
+    both stacks see one set of sentence pairs; the decoder's count follows from it
+    (:meth:`calibration_tokens`). BLEU uses ``bleu_tokenize``, which ``prepare_data`` records in the data
+    folder (so every scoring job uses it); each score's sacrebleu signature is kept in
+    :meth:`metric_details` for the result files.
+    """
 
     type = "translation"
     budget_unit = "sentence pairs"
@@ -249,11 +268,67 @@ class TranslationTask(Seq2SeqTask):
     preprocessor_class = "AutoTokenizer"
     shift_tokens_right = staticmethod(marian_shift_tokens_right)
 
+    def __init__(self, cfg: dict[str, Any]):
+        super().__init__(cfg)
+        self._details: dict[str, Any] = {}
+        self._tokenize: str | None = cfg.get("bleu_tokenize")
+
     def _prepare_splits(self, out_dir: Path) -> dict[str, Any]:
         return prepare_translation_splits(self.cfg["data"], out_dir, self.cfg["splits"], self.cfg["seed"])
 
-    def _load_examples(self, splits_dir: Path, split: str) -> list[tuple[Any, str]]:
+    def _load_examples(self, splits_dir: Path, split: str) -> Sequence[tuple[Any, str]]:
+        # the train split (millions of pairs at paper scale) stays on disk; fine-tuning reads the sampled lines
+        if split == "train":
+            return open_translation_split(splits_dir, split)
         return load_translation_split(splits_dir, split)
+
+    def _configure_preprocessor(self, preprocessor: Any, model_dir: Path) -> dict[str, Any]:
+        return {"bleu_tokenize": self.cfg.get("bleu_tokenize")}
+
+    def calibration_batches(self, data_dir: Path) -> Iterator[dict[str, Any]]:
+        """Teacher-forced batches of the calib split until the source side holds ``features.tokens`` tokens.
+
+        ``token_masks["encoder"]`` marks exactly that many source tokens in all (the last pair's source is cut),
+        ``token_masks["decoder"]`` the start token and reference tokens of every pair with a marked source token.
+        """
+        settings = self.cfg["features"]
+        ctx = self._context(data_dir)
+        examples = self._load_examples(Path(data_dir) / SPLITS_DIR, "calib")
+        remaining = settings["tokens"]
+        for chunk in _chunks(examples, settings["batch_size"]):
+            batch = self._teacher_forced(ctx, chunk)
+            del batch["labels"]
+            masks = batch["token_masks"]
+            masks["encoder"] = first_positions(masks["encoder"], remaining)
+            masks["decoder"] = masks["decoder"] & masks["encoder"].any(dim=1, keepdim=True)
+            yield batch
+            remaining -= int(masks["encoder"].sum())
+            if remaining <= 0:
+                return
+
+    def calibration_tokens(self, data_dir: Path) -> dict[str, int]:
+        """Positions per stack the calibration batches mark: ``features.tokens`` source tokens, and the target
+        tokens of the same pairs."""
+        counts = {"encoder": 0, "decoder": 0}
+        for batch in self.calibration_batches(data_dir):
+            for stack, mask in batch["token_masks"].items():
+                counts[stack] += int(mask.sum())
+        wanted = self.cfg["features"]["tokens"]
+        if counts["encoder"] < wanted:
+            n_pairs = len(self._load_examples(Path(data_dir) / SPLITS_DIR, "calib"))
+            raise ValueError(
+                f"the calib split's {n_pairs} sentence pairs hold {counts['encoder']} source tokens, but "
+                f"features.tokens asks for {wanted}: raise splits.calib or lower features.tokens"
+            )
+        return counts
+
+    def score(self, model: nn.Module, data_dir: Path, split: str, setting: str, device: torch.device) -> float:
+        self._tokenize = _bleu_tokenize(self.cfg, self._context(data_dir).record)
+        return super().score(model, data_dir, split, setting, device)
+
+    def metric_details(self) -> dict[str, Any]:
+        """The last score's sacrebleu signature, tokenizer and decoding settings (empty before any score)."""
+        return dict(self._details)
 
     def _encoder_inputs(self, ctx: _Context, sources: Sequence[Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         inputs = ctx.tokenizer(
@@ -267,8 +342,10 @@ class TranslationTask(Seq2SeqTask):
         return encoder, inputs["attention_mask"].bool()
 
     def _metric(self, hypotheses: list[str], references: list[str]) -> float:
-        score, signature = bleu(hypotheses, references, tokenize=self.cfg.get("bleu_tokenize"))
+        score, signature = bleu(hypotheses, references, tokenize=self._tokenize)
         logger.info("BLEU %.2f (%s)", score, signature)
+        tokenizer = signature.split("tok:", 1)[1].split("|", 1)[0] if "tok:" in signature else self._tokenize
+        self._details = {"signature": signature, "tokenize": tokenizer, **self.decoding}
         return score
 
 
@@ -314,6 +391,7 @@ class SpeechRecognitionTask(Seq2SeqTask):
         """
         extractor = ctx.preprocessor.feature_extractor
         audio = [np.asarray(a, dtype=np.float32) for a in sources]
+        _check_clip_lengths(audio, extractor)
         features = extractor(audio, sampling_rate=extractor.sampling_rate, return_tensors="pt")
         positions = extractor.nb_max_frames // WHISPER_CONV_STRIDE
         samples_per_position = extractor.hop_length * WHISPER_CONV_STRIDE
@@ -322,6 +400,25 @@ class SpeechRecognitionTask(Seq2SeqTask):
 
     def _metric(self, hypotheses: list[str], references: list[str]) -> float:
         return wer(hypotheses, references)
+
+
+def _check_clip_lengths(audio: Sequence[np.ndarray], extractor: Any) -> None:
+    """Refuse clips longer than the encoder hears: the extractor would cut them silently, and the model be scored
+    (and trained) against reference words it never heard."""
+    window = extractor.chunk_length * extractor.sampling_rate
+    longest = max((len(a) for a in audio), default=0)
+    if longest > window:
+        raise ValueError(
+            f"a clip of {longest / extractor.sampling_rate:.2f} s is longer than the model's audio window of "
+            f"{extractor.chunk_length} s: Whisper would hear only its start, while WER and the loss use the whole "
+            "transcript. Set the task's speech.max_seconds to at most the window (longer clips are skipped) and "
+            "rerun prepare_data, or widen model.audio_window_s (Whisper's own window is 30 s)."
+        )
+
+
+def _bleu_tokenize(cfg: Mapping[str, Any], record: Mapping[str, Any]) -> str | None:
+    """The config's ``bleu_tokenize`` when the job was given it, else the one ``prepare_data`` recorded."""
+    return cfg["bleu_tokenize"] if "bleu_tokenize" in cfg else record.get("bleu_tokenize")
 
 
 def seq2seq_outputs(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> TrainingOutputs:
