@@ -1,5 +1,8 @@
 # The chosen window as a tied checkpoint. The job also measures the model it has just built on the test split
 # (the "before fine-tuning" column): a separate evaluation job would pay a second Python start and model load.
+# The checkpoint is a temp output: once its fine-tune has finished, only pre.json is kept (the model is rebuilt
+# exactly, repair included, if a later change needs it; `snakemake --notemp` keeps every one). Stored in float32
+# beside its fine-tuned copy, it was half of the default run's 21.4 GB.
 
 
 rule compress:
@@ -9,7 +12,7 @@ rule compress:
         data=f"{R}/data",
         selection=lambda wc: f"{R}/selection/{search_of(wc.variant)}/{{fraction}}.json".format(**wc),
     output:
-        model=directory(f"{R}/models/{{variant}}/{{fraction}}/{{choice}}/compressed"),
+        model=temp(directory(f"{R}/models/{{variant}}/{{fraction}}/{{choice}}/compressed")),
         eval=f"{R}/eval/{{variant}}/{{fraction}}/{{choice}}/pre.json",
     params:
         cfg=task_cfg("evaluation", "repair", "features"),

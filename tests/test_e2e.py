@@ -122,6 +122,12 @@ def test_reduced_default_pipeline_end_to_end(tmp_path):
     socket_path = Path(server_log[0].split(" listening on ")[1])
     assert not socket_path.exists()
 
+    # pre-fine-tuning checkpoints are temp outputs: gone once fine-tuned, their metric kept in pre.json
+    for task in ("lm", "vision", "asr"):
+        assert not list((results / task / "models").glob("*/*/*/compressed")), task
+        assert list((results / task / "models").glob("*/*/*/finetuned")), task
+        assert list((results / task / "eval").glob("*/*/*/pre.json")), task
+
     again = subprocess.run([*command, "-n"], capture_output=True, text=True)
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr

@@ -138,6 +138,15 @@ def test_workflow_has_the_expected_rules_and_checkpoint(snakemake_workflow):
     assert snakemake_workflow.default_target == "all"
 
 
+def test_only_the_pre_finetuning_checkpoints_are_temporary(snakemake_workflow):
+    """The compressed model before fine-tuning is deleted once its fine-tune is done (its metric stays in
+    pre.json); every other output, fine-tuned models and result files included, is kept."""
+    temporary = {(rule.name, str(f)) for rule in snakemake_workflow.rules for f in rule.output if f.is_temp}
+    assert {name for name, _ in temporary} == {"compress"}, temporary
+    assert [path.rsplit("/", 1)[-1] for _, path in temporary] == ["compressed"], temporary
+    assert not any(f.is_temp for f in snakemake_workflow.get_rule("finetune").output)
+
+
 def test_every_rule_that_runs_names_an_existing_conda_env(snakemake_workflow):
     executing = [rule for rule in snakemake_workflow.rules if not rule.norun]
     assert len(executing) >= 14
