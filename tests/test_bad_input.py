@@ -244,18 +244,21 @@ def test_token_budget_larger_than_the_text_says_how_many_tokens_exist(tmp_path, 
     names(str(error.value), r"only \d+ tokens available for split 'test'", "lower the budget or use a larger source")
 
 
+def _tiny_llama(layers: int) -> T.LlamaForCausalLM:
+    config = T.LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return T.LlamaForCausalLM(config).eval()
+
+
 def test_feature_token_budget_larger_than_the_calibration_split(results):
-    model = T.LlamaForCausalLM(
-        T.LlamaConfig(
-            vocab_size=97,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-    ).eval()
+    model = _tiny_llama(2)
     batches = list(calibration_batches("llama", 2))  # 2 x 3 x 11 tokens
     with untouched(results), pytest.raises(ValueError) as error:
         cache_features(model, batches, results / "lm" / "features", n_tokens=1000, progress=False)
@@ -449,17 +452,7 @@ def test_half_written_compressed_checkpoint(results):
 
 
 def _features(root: Path, n_tokens: int = 20) -> FeatureStore:
-    model = T.LlamaForCausalLM(
-        T.LlamaConfig(
-            vocab_size=97,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-    ).eval()
+    model = _tiny_llama(3)
     return cache_features(model, calibration_batches("llama", 2), root, n_tokens=n_tokens, progress=False)
 
 
