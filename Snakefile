@@ -19,15 +19,15 @@ if not workflow.overwrite_configfiles:
     workflow.configfile(os.path.join(workflow.basedir, "config.yaml"))
 
 
-# Snakemake 9's scheduler loop gains one 1 s wake-up timer per finished job (ffmerge.snakemake_fixes): 31 % of a
+# Snakemake 9's scheduler loop gains one 1 s wake-up timer per finished job (ffmerge.workflow.snakemake_fixes): 31 % of a
 # core three quarters into the default run, taken from the jobs. One pending timer wakes it as often as needed.
-from ffmerge.snakemake_fixes import coalesce_reevaluation_timers
+from ffmerge.workflow.snakemake_fixes import coalesce_reevaluation_timers
 
 coalesce_reevaluation_timers()
 
 validate(config, "schemas/config.schema.yaml")
 
-from ffmerge.workflow import check_results_dir, preflight
+from ffmerge.workflow.preflight import check_results_dir, preflight
 
 preflight(config)
 # a results folder made with another model, data, seed or split sizes would be rebuilt over: refuse, naming the keys
@@ -48,14 +48,14 @@ include: "rules/report.smk"
 
 
 # Local runs: job scripts fork from one interpreter that has imported torch and transformers once, instead of
-# importing them again in each of the 140 model jobs (ffmerge.forkserver; `--config fork_server=false` to turn
+# importing them again in each of the 140 model jobs (ffmerge.workflow.forkserver; `--config fork_server=false` to turn
 # it off). Cluster jobs and conda-env jobs run as plain processes.
 FORK_SERVER = []
 
 
 onstart:
     if config["fork_server"] and workflow.local_exec and not workflow.deployment_settings.deployment_method:
-        from ffmerge.forkserver import ForkServer
+        from ffmerge.workflow.forkserver import ForkServer
 
         FORK_SERVER.append(ForkServer(f"{config['results_dir']}/logs/fork_server.log"))
 
@@ -63,7 +63,7 @@ onstart:
 onsuccess:
     for server in FORK_SERVER:
         server.stop()
-    from ffmerge.report import disk_footprint, footprint_text
+    from ffmerge.report.tables import disk_footprint, footprint_text
 
     print(footprint_text(disk_footprint(config["results_dir"], config["tasks"])))
 

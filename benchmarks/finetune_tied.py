@@ -26,13 +26,13 @@ import torch
 from _assets import WIKI, smollm2_dir
 from transformers import AutoTokenizer
 
-from ffmerge import pipeline
 from ffmerge.adapters import get_adapter, set_submodule
 from ffmerge.checkpoint import load_model
 from ffmerge.data.text import load_split, prepare_text_splits
 from ffmerge.features import FeatureStore, cache_features
 from ffmerge.finetune import FinetuneConfig, causal_lm_loss, finetune, lm_batches
 from ffmerge.tasks.causal_lm import CausalLMTask
+from ffmerge.workflow import pipeline
 
 
 def parse_args() -> argparse.Namespace:

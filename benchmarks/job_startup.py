@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Start-up of a model job: a fresh interpreter vs a fork of the fork server (``ffmerge.forkserver``).
+"""Start-up of a model job: a fresh interpreter vs a fork of the fork server (``ffmerge.workflow.forkserver``).
 
 Each run launches a job script the way Snakemake does (``python script.py``) that imports what every model
-job imports (``ffmerge.pipeline``: torch, transformers) and then loads SmolLM2-135M's prepared folder and
+job imports (``ffmerge.workflow.pipeline``: torch, transformers) and then loads SmolLM2-135M's prepared folder and
 scores a 64-token row, the first real work of a job. It prints the time from launch to the end of that work
 and the row's loss, which must be equal in both ways (the check that the fork computes the same).
 
@@ -21,16 +21,16 @@ import textwrap
 import time
 from pathlib import Path
 
-from ffmerge.forkserver import SOCKET_ENV, ForkServer
+from ffmerge.workflow.forkserver import SOCKET_ENV, ForkServer
 
 JOB = textwrap.dedent(
     """
     import sys
-    from ffmerge.forkserver import delegate
+    from ffmerge.workflow.forkserver import delegate
 
     delegate()
     import torch
-    from ffmerge import pipeline  # noqa: F401  (what every model job imports)
+    from ffmerge.workflow import pipeline  # noqa: F401  (what every model job imports)
     from ffmerge.checkpoint import load_model
 
     torch.set_num_threads(1)

@@ -28,9 +28,9 @@ import torch
 import yaml
 from snakemake.utils import validate
 
-from ffmerge import pipeline
 from ffmerge.experiments import fraction_label
 from ffmerge.tasks import get_task
+from ffmerge.workflow import pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -25,7 +25,6 @@ import torch
 from _assets import WIKI, smollm2_dir
 from transformers import AutoTokenizer
 
-from ffmerge import pipeline
 from ffmerge.checkpoint import load_model
 from ffmerge.data.text import load_split, prepare_text_splits
 from ffmerge.experiments import window_starts
@@ -33,6 +32,7 @@ from ffmerge.features import FeatureStore, cache_features
 from ffmerge.metrics.perplexity import PerplexityScorer
 from ffmerge.search import search_windows
 from ffmerge.tasks.causal_lm import CausalLMTask
+from ffmerge.workflow import pipeline
 
 
 def parse_args() -> argparse.Namespace:

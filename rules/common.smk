@@ -3,7 +3,7 @@
 import os
 
 from ffmerge.experiments import compressed_models, fraction_label, parse_fraction_label
-from ffmerge.workflow import candidate_starts
+from ffmerge.workflow.preflight import candidate_starts
 
 R = os.path.join(config["results_dir"], "{task}")
 LOGS = os.path.join(config["results_dir"], "logs", "{task}")

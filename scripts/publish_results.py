@@ -12,7 +12,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from ffmerge.report import disk_footprint, footprint_text, stage_times
+from ffmerge.report.tables import disk_footprint, footprint_text, stage_times
 
 FIGURES = ("figure2_ff_removed", "figure3_params_removed", "figure10_window_scores", "recovery_curves")
 TABLES = ("table9_results", "table2_windows", "table3_anchors", "table4_int8", "paper_comparison")

@@ -31,10 +31,9 @@ from snakemake.utils import validate
 from test_finetune import tiny_tied_llama, train_batches, validation_loss
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from ffmerge import atomic, checkpoint, finetune
+from ffmerge import checkpoint, finetune
 from ffmerge.adapters import UnsupportedModelError
 from ffmerge.align import load_pairs, save_pairs
-from ffmerge.atomic import DiskFullError, atomic_output_dir
 from ffmerge.checkpoint import load_compressed, save_compressed
 from ffmerge.data import speech
 from ffmerge.data.images import prepare_image_splits
@@ -44,11 +43,13 @@ from ffmerge.experiments import removed_count
 from ffmerge.features import FeatureStore, cache_features
 from ffmerge.finetune import LAST_CHECKPOINT, CheckpointError, FinetuneConfig, causal_lm_loss
 from ffmerge.metrics.perplexity import PerplexityScorer
-from ffmerge.pipeline import choose_start, resolve_device
 from ffmerge.sources import SourceError, prepare_model
 from ffmerge.tasks.image_classification import tokens_per_image
 from ffmerge.tasks.seq2seq import SpeechRecognitionTask
-from ffmerge.workflow import ConfigError, check_results_dir, preflight
+from ffmerge.workflow import atomic
+from ffmerge.workflow.atomic import DiskFullError, atomic_output_dir
+from ffmerge.workflow.pipeline import choose_start, resolve_device
+from ffmerge.workflow.preflight import ConfigError, check_results_dir, preflight
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "schemas" / "config.schema.yaml"

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from ffmerge.checkpoint import load_model
-from ffmerge.forkserver import usage_path
+from ffmerge.workflow.forkserver import usage_path
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]

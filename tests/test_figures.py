@@ -1,8 +1,8 @@
-"""The paper's figures and tables (ffmerge.figures, rules/report.smk) on a finished results tree.
+"""The paper's figures and tables (ffmerge.report.figures, rules/report.smk) on a finished results tree.
 
 The result files are not written by hand: a fake model (a dict of scores and sizes) goes through the real
-``ffmerge.pipeline`` steps (candidate, select, build_compressed, evaluate, run_finetune, int8, cka) with only the
-model-dependent calls replaced, and the real ``ffmerge.report.tables`` turns them into the per-task tables the
+``ffmerge.workflow.pipeline`` steps (candidate, select, build_compressed, evaluate, run_finetune, int8, cka) with
+only the model-dependent calls replaced, and the real ``ffmerge.report.tables`` turns them into the per-task tables the
 figures read. A change in what those steps write (keys, layout, table columns) therefore fails here.
 
 Three tasks: ``lm`` (offline packaged model, the full grid with two fractions, every method including ffdrop, local
@@ -24,7 +24,6 @@ import pytest
 from snakemake.utils import validate
 from snakemake_io import named
 
-from ffmerge import figures, pipeline, report
 from ffmerge.experiments import (
     compressed_models,
     fraction_label,
@@ -34,8 +33,11 @@ from ffmerge.experiments import (
     windows_at,
 )
 from ffmerge.finetune import FinetuneResult
+from ffmerge.report import figures
+from ffmerge.report import tables as report
 from ffmerge.size import SizeReport
 from ffmerge.tasks.causal_lm import CausalLMTask
+from ffmerge.workflow import pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "schemas" / "config.schema.yaml"
@@ -164,7 +166,7 @@ def make_config(results_dir: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Fakes for the model-dependent calls of ffmerge.pipeline
+# Fakes for the model-dependent calls of ffmerge.workflow.pipeline
 # ----------------------------------------------------------------------------------------------------------------
 
 SPEC = "fake_model.json"
@@ -1016,7 +1018,7 @@ def test_report_rules(tmp_path):
     from snakemake.io import is_flagged
     from snakemake.settings.types import ConfigSettings, OutputSettings, Quietness, ResourceSettings
 
-    from ffmerge.workflow import ConfigError
+    from ffmerge.workflow.preflight import ConfigError
 
     settings = ConfigSettings(configfiles=[REPO / "config.yaml"], config={"results_dir": str(tmp_path / "results")})
     try:

@@ -363,7 +363,7 @@ def test_run_finetune_deletes_the_resume_state_once_the_model_is_saved_unless_ke
     import yaml
     from snakemake.utils import validate
 
-    from ffmerge import pipeline
+    from ffmerge.workflow import pipeline
 
     repo = Path(__file__).resolve().parents[1]
     config = yaml.safe_load((repo / "config.yaml").read_text())

@@ -1,4 +1,4 @@
-"""Tests for ffmerge.forkserver: a job handed to the server behaves as if it had run in its own process
+"""Tests for ffmerge.workflow.forkserver: a job handed to the server behaves as if it had run in its own process
 (streams, directory, arguments, exit status, signals, death by SIGKILL, numbers), and runs in-process
 whenever the hand-off could not be equivalent."""
 
@@ -16,14 +16,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ffmerge.forkserver import SOCKET_ENV, ForkServer, usage_path
-from ffmerge.report import stage_times
+from ffmerge.report.tables import stage_times
+from ffmerge.workflow.forkserver import SOCKET_ENV, ForkServer, usage_path
 
 JOB = textwrap.dedent(
     """
     import json, os, sys, time
     from types import SimpleNamespace
-    from ffmerge.forkserver import delegate
+    from ffmerge.workflow.forkserver import delegate
 
     delegate(SimpleNamespace(log=[sys.argv[1]]))
     print(json.dumps({"pid": os.getpid(), "forked": os.environ.get("FFMERGE_FORKED"), "cwd": os.getcwd(),
@@ -182,7 +182,7 @@ def test_stage_times_take_cpu_and_memory_of_a_forked_job_from_its_usage_file(ser
 def test_the_server_exits_when_its_parent_is_gone(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"])
     path = tmp_path / "s.sock"
-    command = [sys.executable, "-m", "ffmerge.forkserver", str(path), "--parent", str(parent.pid), "--preload"]
+    command = [sys.executable, "-m", "ffmerge.workflow.forkserver", str(path), "--parent", str(parent.pid), "--preload"]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     parent.wait()
     out, _ = server.communicate(timeout=30)
@@ -193,7 +193,7 @@ def test_the_server_exits_when_its_parent_is_gone(tmp_path):
 FORWARD = textwrap.dedent(
     """
     import sys
-    from ffmerge.forkserver import delegate
+    from ffmerge.workflow.forkserver import delegate
 
     delegate()
     import torch

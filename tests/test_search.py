@@ -9,12 +9,12 @@ import pytest
 import torch
 from families import FAMILIES, LAYERS, VOCAB, build, calibration_batches
 
-from ffmerge import pipeline
 from ffmerge.adapters import get_adapter
 from ffmerge.experiments import window_starts
 from ffmerge.features import cache_features
 from ffmerge.metrics.perplexity import PerplexityScorer
 from ffmerge.search import record_layer_inputs, search_windows, start_at
+from ffmerge.workflow import pipeline
 
 CAUSAL = [name for name, family in FAMILIES.items() if family.generates and name not in ("marian", "whisper")]
 

@@ -643,7 +643,8 @@ def test_bleu_tokenize_reaches_scoring_jobs_through_the_data_folder(tmp_path, mo
 
 
 def test_evaluation_file_stores_the_bleu_signature_and_the_table_shows_it(tmp_path):
-    from ffmerge import pipeline, report
+    from ffmerge.report import tables as report
+    from ffmerge.workflow import pipeline
 
     corpus = tmp_path / "pairs"
     corpus.mkdir()

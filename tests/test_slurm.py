@@ -326,7 +326,7 @@ def _same_table(local: Path, remote: Path) -> None:
 
 
 DEVICE_PROBE = (
-    "import os, torch; from ffmerge.pipeline import resolve_device; "
+    "import os, torch; from ffmerge.workflow.pipeline import resolve_device; "
     "print('probe', os.environ.get('CUDA_VISIBLE_DEVICES', '-'), torch.cuda.is_available(), resolve_device('auto'))"
 )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from ffmerge.snakemake_fixes import coalesce_reevaluation_timers
+from ffmerge.workflow.snakemake_fixes import coalesce_reevaluation_timers
 
 
 def make_scheduler_class() -> type:

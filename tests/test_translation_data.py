@@ -312,7 +312,7 @@ def test_training_pool_is_read_as_a_gzip_stream_with_bounded_memory(tmp_path, po
 
 
 def test_missing_training_file_names_the_key_and_how_to_get_the_data(local_source, tmp_path):
-    from ffmerge.workflow import ConfigError, translation_data_warnings
+    from ffmerge.workflow.preflight import ConfigError, translation_data_warnings
 
     (Path(local_source["path"]) / "train.tsv").unlink()
     with pytest.raises(SourceError, match=r"pool 'train'.*train\.tsv.*Tatoeba-Challenge.*paste"):

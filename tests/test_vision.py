@@ -457,7 +457,7 @@ def test_probe_fits_a_separable_problem_on_a_random_backbone(tmp_path):
 def _probed_classifier(fake_fashion: Path, tmp_path: Path) -> dict:
     """A linear probe on a 6-layer random DINOv2 (accuracy depends on the window), its data and features;
     returns the task config."""
-    from ffmerge import pipeline
+    from ffmerge.workflow import pipeline
 
     torch.manual_seed(0)
     backbone = Dinov2Model(
@@ -480,7 +480,7 @@ def _probed_classifier(fake_fashion: Path, tmp_path: Path) -> dict:
 def test_in_process_window_search_gives_the_per_window_accuracies(fake_fashion, tmp_path):
     """The search replays cached hidden states batch by batch through AccuracyScorer: same scores as one
     full pass per candidate, on a classifier whose accuracy depends on the window (a probe on 6 layers)."""
-    from ffmerge import pipeline
+    from ffmerge.workflow import pipeline
 
     cfg = _probed_classifier(fake_fashion, tmp_path)
     args = (cfg, tmp_path / "model", tmp_path / "data", tmp_path / "features", "permute", "1/3")
@@ -494,7 +494,7 @@ def test_compress_and_finetune_record_what_evaluate_measures_on_the_saved_model(
     """compress and finetune measure the model they have just saved, in their own process (the workflow has no
     separate evaluation job for them): the record must equal pipeline.evaluate's of the saved folder, for a merge
     (tied FF blocks) and a drop (layers removed), before and after fine-tuning."""
-    from ffmerge import pipeline
+    from ffmerge.workflow import pipeline
 
     cfg = _probed_classifier(fake_fashion, tmp_path)
     cfg["finetune"] = dict(

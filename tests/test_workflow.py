@@ -1,7 +1,8 @@
 """The Snakemake workflow's plumbing, without models: rules and their conda envs, config validation at start-up,
 preflight checks, dry runs of the shipped configs, and the pure planning / selection / table code the rules call.
 
-Result files are synthetic but in exactly the schema ``ffmerge.pipeline`` writes (candidate, select, evaluate, int8).
+Result files are synthetic but in exactly the schema ``ffmerge.workflow.pipeline`` writes (candidate, select,
+evaluate, int8).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 from snakemake_io import named
 
-from ffmerge import experiments, pipeline, report, sources, tasks
+from ffmerge import experiments, sources, tasks
 from ffmerge.adapters import UnsupportedModelError, supported_model_types
 from ffmerge.experiments import (
     compressed_models,
@@ -44,10 +45,12 @@ from ffmerge.experiments import (
     window_starts,
     windows_at,
 )
-from ffmerge.jobs import job_logging
-from ffmerge.pipeline import choose_start, select
+from ffmerge.report import tables as report
 from ffmerge.tasks.causal_lm import CausalLMTask
-from ffmerge.workflow import ConfigError, preflight
+from ffmerge.workflow import pipeline
+from ffmerge.workflow.jobs import job_logging
+from ffmerge.workflow.pipeline import choose_start, select
+from ffmerge.workflow.preflight import ConfigError, preflight
 
 try:
     import tomllib

@@ -1,11 +1,11 @@
 """Snakemake script: the chosen (best or random) window as a tied checkpoint, and its test metric."""
 
-from ffmerge.forkserver import delegate
+from ffmerge.workflow.forkserver import delegate
 
 delegate(snakemake)  # a local run forks this job from a pre-imported interpreter
 
-from ffmerge import pipeline
-from ffmerge.jobs import snakemake_job
+from ffmerge.workflow import pipeline
+from ffmerge.workflow.jobs import snakemake_job
 
 with snakemake_job(snakemake):
     pipeline.build_compressed(

@@ -1,7 +1,7 @@
 """Snakemake script: Figure 2, metric after fine-tuning vs FF sublayers removed (vanilla vs permute), per task."""
 
-from ffmerge import figures
-from ffmerge.jobs import snakemake_job
+from ffmerge.report import figures
+from ffmerge.workflow.jobs import snakemake_job
 
 with snakemake_job(snakemake) as log:
     results = figures.read_per_task(figures.read_results, snakemake.params.tasks, snakemake.input.table9)

@@ -1,7 +1,7 @@
 """Snakemake script: recovery curves, validation metric during fine-tuning vs examples seen, per variant."""
 
-from ffmerge import figures
-from ffmerge.jobs import snakemake_job
+from ffmerge.report import figures
+from ffmerge.workflow.jobs import snakemake_job
 
 with snakemake_job(snakemake) as log:
     curves = figures.read_per_task(figures.read_recovery_curves, snakemake.params.tasks, snakemake.input.curves)

@@ -1,7 +1,7 @@
 """Snakemake script: Figure 10, every window's validation metric before fine-tuning (first fraction), per task."""
 
-from ffmerge import figures
-from ffmerge.jobs import snakemake_job
+from ffmerge.report import figures
+from ffmerge.workflow.jobs import snakemake_job
 
 with snakemake_job(snakemake) as log:
     scores = figures.read_per_task(figures.read_window_scores, snakemake.params.tasks, snakemake.input.windows)

@@ -1,12 +1,12 @@
 """Snakemake script: recovery fine-tuning, resuming from the last checkpoint in the work folder; then the
 fine-tuned model's test metric."""
 
-from ffmerge.forkserver import delegate
+from ffmerge.workflow.forkserver import delegate
 
 delegate(snakemake)  # a local run forks this job from a pre-imported interpreter
 
-from ffmerge import pipeline
-from ffmerge.jobs import snakemake_job
+from ffmerge.workflow import pipeline
+from ffmerge.workflow.jobs import snakemake_job
 
 with snakemake_job(snakemake):
     pipeline.run_finetune(

@@ -1,7 +1,7 @@
 """Snakemake script: per-task tables (Table 9 results, Table 4 int8) stacked into one with a task column."""
 
-from ffmerge import figures
-from ffmerge.jobs import snakemake_job
+from ffmerge.report import figures
+from ffmerge.workflow.jobs import snakemake_job
 
 with snakemake_job(snakemake) as log:
     # params.table: "int8" (Table 4) or "table9"; the rule's param avoids "results", a prefix of the output paths

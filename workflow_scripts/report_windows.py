@@ -1,7 +1,7 @@
 """Snakemake script: Table 2, the best pre-fine-tuning window vs random windows after fine-tuning."""
 
-from ffmerge import figures
-from ffmerge.jobs import snakemake_job
+from ffmerge.report import figures
+from ffmerge.workflow.jobs import snakemake_job
 
 with snakemake_job(snakemake) as log:
     tasks = snakemake.params.tasks

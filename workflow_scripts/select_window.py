@@ -3,12 +3,12 @@
 per_window mode: pick among the candidate jobs' scores; in_process mode: score every window here.
 """
 
-from ffmerge.forkserver import delegate
+from ffmerge.workflow.forkserver import delegate
 
 delegate(snakemake)  # a local run forks this job from a pre-imported interpreter
 
-from ffmerge import pipeline
-from ffmerge.jobs import snakemake_job
+from ffmerge.workflow import pipeline
+from ffmerge.workflow.jobs import snakemake_job
 
 with snakemake_job(snakemake):
     if "candidates" in snakemake.input.keys():

@@ -28,8 +28,8 @@ from transformers import AutoConfig, GenerationConfig
 from transformers.initialization import no_init_weights
 
 from .adapters import get_submodule, set_submodule
-from .atomic import atomic_output_dir
 from .ffdrop import delete_ff, deleted_ff
+from .workflow.atomic import atomic_output_dir
 
 WEIGHTS = "ffmerge.safetensors"
 TIES = "ffmerge_ties.json"

@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import ModelAdapter, get_adapter
-from .atomic import atomic_output_dir
+from .workflow.atomic import atomic_output_dir
 
 KINDS = ("pre", "ff_in", "ff_out", "attn_out")
 _DTYPES = {"float16": (torch.float16, "F16"), "float32": (torch.float32, "F32")}

@@ -37,7 +37,7 @@ from transformers import (
     get_polynomial_decay_schedule_with_warmup,
 )
 
-from .atomic import disk_full_error, is_disk_full, write_json
+from .workflow.atomic import disk_full_error, is_disk_full, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -448,7 +448,7 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 def _write_history(work_dir: Path, result: FinetuneResult) -> None:
     """Write the evaluations as JSON atomically, so readers never see half a file."""
-    write_json(work_dir / HISTORY_FILE, asdict(result))  # a full disk is reported as such, see ffmerge.atomic
+    write_json(work_dir / HISTORY_FILE, asdict(result))  # a full disk is reported as such, see ffmerge.workflow.atomic
 
 
 def _seed_everything(seed: int) -> None:

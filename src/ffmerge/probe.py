@@ -24,10 +24,10 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import Dinov2ForImageClassification
 
-from .atomic import atomic_output_dir
 from .data.images import ImageSplit, normalize, read_image_record
 from .sources import SOURCE_RECORD, read_source_record, write_json
 from .tasks.image_classification import top1_accuracy
+from .workflow.atomic import atomic_output_dir
 
 PROBE_DEFAULTS: dict[str, Any] = {"batch_size": 64, "l2": 1e-2, "max_iter": 100}
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import transformers
 
-from .atomic import atomic_output_dir
+from .workflow.atomic import atomic_output_dir
 
 SOURCE_RECORD = "ffmerge_source.json"
 VALID_KINDS = ("hub", "local", "package")

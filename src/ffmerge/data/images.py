@@ -37,9 +37,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from ffmerge.atomic import atomic_output_dir
 from ffmerge.data.text import SPLIT_ORDER, check_split_counts
 from ffmerge.sources import SourceError, looks_offline, sha256_file, write_json
+from ffmerge.workflow.atomic import atomic_output_dir
 
 SPLITS_RECORD = "splits.json"
 VALID_KINDS = ("fashion_mnist", "hub", "imagefolder")

@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 from scipy.io import wavfile
 
-from ffmerge.atomic import atomic_output_dir
 from ffmerge.data.text import SPLIT_ORDER, WIKI_OFFLINE_DEFAULTS, check_split_counts, load_documents
 from ffmerge.sources import SourceError, write_json
+from ffmerge.workflow.atomic import atomic_output_dir
 
 SAMPLE_RATE = 16_000
 SPLITS_RECORD = "splits.json"

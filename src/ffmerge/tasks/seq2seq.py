@@ -31,13 +31,13 @@ from torch import nn
 from transformers.models.marian.modeling_marian import shift_tokens_right as marian_shift_tokens_right
 from transformers.models.whisper.modeling_whisper import shift_tokens_right as whisper_shift_tokens_right
 
-from ..atomic import atomic_output_dir
 from ..data.speech import load_speech_split, prepare_speech_splits
 from ..data.translation import load_translation_split, open_translation_split, prepare_translation_splits
 from ..features import first_positions
 from ..finetune import TrainingOutputs
 from ..metrics.generation import bleu, wer
 from ..sources import write_json
+from ..workflow.atomic import atomic_output_dir
 from .base import Task
 
 logger = logging.getLogger(__name__)

@@ -9,9 +9,9 @@ from typing import Any
 
 from transformers import AutoConfig
 
-from . import sources
-from .adapters import get_adapter
-from .experiments import window_starts
+from .. import sources
+from ..adapters import get_adapter
+from ..experiments import window_starts
 
 
 class ConfigError(ValueError):
@@ -56,7 +56,7 @@ def translation_data_warnings(name: str, task: dict[str, Any]) -> list[str]:
     run, can be planned without it, and ``prepare_data`` stops with the same message. Hub datasets are not
     contacted here.
     """
-    from .data.translation import POOL_OF, TRAIN_DATA_HINT, hub_load_arguments, local_pool_path
+    from ..data.translation import POOL_OF, TRAIN_DATA_HINT, hub_load_arguments, local_pool_path
 
     data = task["data"]
     pools = {POOL_OF[split] for split in task["splits"]}
@@ -97,7 +97,7 @@ def _check_audio_window(name: str, task: dict[str, Any]) -> None:
     window = task["model"].get("audio_window_s")
     if window is None:
         return
-    from .data.speech import SPEECH_DEFAULTS
+    from ..data.speech import SPEECH_DEFAULTS
 
     max_seconds = (task.get("speech") or {}).get("max_seconds", SPEECH_DEFAULTS["max_seconds"])
     if max_seconds > window:
@@ -111,11 +111,11 @@ def _check_audio_window(name: str, task: dict[str, Any]) -> None:
 def _check_system_assets(source: dict[str, Any]) -> None:
     """Data that comes from Debian packages rather than pip: say which package before any job runs."""
     if source["kind"] == "espeak_wiki":
-        from .data.speech import _espeak_binary
+        from ..data.speech import _espeak_binary
 
         _espeak_binary()
     if source["kind"] == "fashion_mnist":
-        from .data.images import FASHION_MNIST_DIR, FASHION_MNIST_FILES
+        from ..data.images import FASHION_MNIST_DIR, FASHION_MNIST_FILES
 
         folder = Path(source.get("path", FASHION_MNIST_DIR))
         missing = [f for pair in FASHION_MNIST_FILES.values() for f in pair if not (folder / f).is_file()]
@@ -152,7 +152,7 @@ def check_results_dir(config: dict[str, Any]) -> None:
 
 def results_config_differences(config: dict[str, Any]) -> list[str]:
     """``tasks.<task>.<key>: recorded ..., config ...`` for every recorded setting the config now gives otherwise."""
-    from .tasks import TASKS
+    from ..tasks import TASKS
 
     root = Path(config["results_dir"])
     lines: list[str] = []

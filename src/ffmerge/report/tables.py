@@ -9,8 +9,8 @@ from typing import Any
 
 import pandas as pd
 
-from .experiments import split_variant
-from .forkserver import usage_path
+from ..experiments import split_variant
+from ..workflow.forkserver import usage_path
 
 
 def _read(path: str | Path) -> Any:

@@ -18,26 +18,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import get_adapter
-from .align import MergePlan, SolvedPairs, anchor_layer, load_pairs, plan_merge, save_pairs, solve_pairs
-from .atomic import write_json
-from .checkpoint import load_model, save_compressed
-from .cka import cka_matrix
-from .drop import drop_layers
-from .experiments import (
+from ..adapters import get_adapter
+from ..align import MergePlan, SolvedPairs, anchor_layer, load_pairs, plan_merge, save_pairs, solve_pairs
+from ..checkpoint import load_model, save_compressed
+from ..cka import cka_matrix
+from ..drop import drop_layers
+from ..experiments import (
     parse_fraction_label,
     random_starts,
     split_variant,
     window_starts,
     windows_at,
 )
-from .features import FeatureStore, cache_features
-from .ffdrop import delete_ff, ffdrop_layers
-from .finetune import FinetuneConfig, distillation_loss, finetune
-from .merge import apply_plan
-from .repair import RepairConfig, merge_and_repair
-from .size import size_report
-from .tasks import get_task
+from ..features import FeatureStore, cache_features
+from ..ffdrop import delete_ff, ffdrop_layers
+from ..finetune import FinetuneConfig, distillation_loss, finetune
+from ..merge import apply_plan
+from ..repair import RepairConfig, merge_and_repair
+from ..size import size_report
+from ..tasks import get_task
+from .atomic import write_json
 
 log = logging.getLogger("ffmerge")
 
@@ -62,7 +62,7 @@ def stack_layers(model: nn.Module) -> dict[str, int]:
 
 def prepare_base_model(cfg: dict, out_dir: Path) -> Path:
     """The task's model source as a transformers folder; the task names the head class unless the source does."""
-    from .sources import prepare_model
+    from ..sources import prepare_model
 
     return prepare_model({"auto_class": get_task(cfg).auto_class, **cfg["model"]}, out_dir)
 
@@ -73,7 +73,7 @@ def prepare_data(cfg: dict, model_dir: Path, out_dir: Path) -> dict:
 
 def fit_head(cfg: dict, backbone_dir: Path, data_dir: Path, out_dir: Path, device: str) -> dict:
     """A linear head on the frozen backbone, as the baseline classifier (see :mod:`ffmerge.probe`)."""
-    from .probe import fit_linear_head
+    from ..probe import fit_linear_head
 
     result = fit_linear_head(Path(backbone_dir), Path(data_dir), Path(out_dir), cfg, device=resolve_device(device))
     log.info("linear probe: %s", result)
@@ -219,7 +219,7 @@ def search(
 ) -> dict:
     """Every window start in one job (``search.mode: in_process``), reusing the base model's hidden
     states and, if configured, finishing only the candidates that lead on a first share of the data."""
-    from .search import search_windows
+    from ..search import search_windows
 
     task = get_task(cfg)
     dev = resolve_device(device)
@@ -531,7 +531,7 @@ def cka(features_dir: Path, out_csvs: dict[str, Path]) -> None:
 
 def int8(cfg: dict, model_dir: Path, data_dir: Path, out_json: Path, device: str) -> dict:
     """LLM.int8() of a (fine-tuned) model: test metric, bytes in float and in int8 (shared tensors once)."""
-    from .quantize import int8_size_bytes, quantize_int8
+    from ..quantize import int8_size_bytes, quantize_int8
 
     task = get_task(cfg)
     dev = resolve_device(device)

@@ -20,7 +20,7 @@ without the server would stop. The server itself exits when the Snakemake proces
 Snakemake's ``benchmark:`` files measure the job process and its children, which the fork is not: their
 wall time stays right, while CPU time and peak memory would only be the waiting client's. The client
 therefore writes the fork's own figures (from ``wait4``) next to the job's log (``usage_path``), and
-``ffmerge.report.stage_times`` uses them in place of the benchmark's.
+``ffmerge.report.tables.stage_times`` uses them in place of the benchmark's.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from .atomic import write_json
 
 SOCKET_ENV = "FFMERGE_FORK_SERVER"  # the server's socket path; set for the jobs of a local run
 FORKED_ENV = "FFMERGE_FORKED"  # set inside a fork, where delegate() must run the script in place
-DEFAULT_PRELOAD = ("ffmerge.pipeline", "snakemake.iocontainers", "snakemake.logging", "snakemake.script")
+DEFAULT_PRELOAD = ("ffmerge.workflow.pipeline", "snakemake.iocontainers", "snakemake.logging", "snakemake.script")
 # Read by libraries while they are imported (huggingface_hub's offline flag, torch's allocator settings,
 # the CUDA device list, Python's own flags): a job whose values differ cannot reuse the server's imports.
 IMPORT_TIME_ENV_PREFIXES = ("HF_", "HUGGINGFACE", "TRANSFORMERS", "TORCH", "PYTORCH", "CUDA_", "PYTHON", "LD_")
@@ -333,7 +333,7 @@ class ForkServer:
         self.path = os.path.join(self.folder, "server.sock")
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "a") as log:
-            command = [sys.executable, "-m", "ffmerge.forkserver", self.path, "--parent", str(os.getpid())]
+            command = [sys.executable, "-m", "ffmerge.workflow.forkserver", self.path, "--parent", str(os.getpid())]
             self.process = subprocess.Popen(
                 [*command, "--preload", *preload],
                 stdin=subprocess.DEVNULL,

@@ -43,8 +43,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .experiments import split_variant
-from .report import VERBATIM_COLUMNS, verbatim_positions
+from ..experiments import split_variant
+from .tables import VERBATIM_COLUMNS, verbatim_positions
 
 # metric name in the result files -> (axis label, higher is better)
 METRICS: dict[str, tuple[str, bool]] = {
@@ -77,7 +77,7 @@ Notes = list[str]
 
 
 def read_results(path: str | Path) -> pd.DataFrame:
-    """A task's ``tables/table9.csv`` (``ffmerge.report.results_table``) with text columns kept as text."""
+    """A task's ``tables/table9.csv`` (``ffmerge.report.tables.results_table``) with text columns kept as text."""
     text = {column: str for column in ("fraction", "variant", "choice", "layers", "metric", *VERBATIM_COLUMNS)}
     frame = pd.read_csv(path, dtype=text)
     for column in ("choice", "layers", *VERBATIM_COLUMNS):
@@ -87,7 +87,7 @@ def read_results(path: str | Path) -> pd.DataFrame:
 
 
 def read_recovery_curves(path: str | Path) -> pd.DataFrame:
-    """A task's ``tables/recovery_curves.csv`` (``ffmerge.report.recovery_curves``); header only when no
+    """A task's ``tables/recovery_curves.csv`` (``ffmerge.report.tables.recovery_curves``); header only when no
     post.json recorded a curve."""
     text = {"variant": str, "fraction": str, "choice": str, "metric": str, "unit": str}
     frame = pd.read_csv(path, dtype=text)
@@ -97,21 +97,21 @@ def read_recovery_curves(path: str | Path) -> pd.DataFrame:
 
 
 def read_window_scores(path: str | Path) -> pd.DataFrame:
-    """A task's ``tables/window_scores.csv`` (``ffmerge.report.window_scores``)."""
+    """A task's ``tables/window_scores.csv`` (``ffmerge.report.tables.window_scores``)."""
     frame = pd.read_csv(path, dtype={"variant": str, "fraction": str, "metric": str})
     frame["selected"] = frame["selected"].astype(str).str.lower() == "true"
     return frame
 
 
 def read_int8(path: str | Path) -> pd.DataFrame:
-    """A task's ``tables/int8.csv`` (``ffmerge.report.int8_table``); empty (header only) when int8 is off."""
+    """A task's ``tables/int8.csv`` (``ffmerge.report.tables.int8_table``); empty (header only) when int8 is off."""
     frame = pd.read_csv(path, dtype={"variant": str, "fraction": str, "metric": str})
     frame["int8"] = frame["int8"].astype(str).str.lower() == "true"
     return frame
 
 
 def read_cka(path: str | Path) -> pd.DataFrame:
-    """A ``cka/{kind}.csv`` matrix (``ffmerge.pipeline.cka``): rows and columns labelled ``stack.layer``."""
+    """A ``cka/{kind}.csv`` matrix (``ffmerge.workflow.pipeline.cka``): rows and columns labelled ``stack.layer``."""
     frame = pd.read_csv(path, index_col=0)
     frame.index = frame.index.astype(str)
     frame.columns = frame.columns.astype(str)
@@ -149,7 +149,7 @@ def describe_source(source: Mapping[str, Any]) -> str:
 
 
 def window_start(layers: str) -> int | None:
-    """The first layer of a window as ``ffmerge.report.layers_text`` prints it ("15-25", "encoder 1-3; decoder
+    """The first layer of a window as ``ffmerge.report.tables.layers_text`` prints it ("15-25", "encoder 1-3; decoder
     1-2"): every stack's window starts at the same index, so the first span's first number is the start."""
     match = re.match(r"\s*(?:[A-Za-z_][\w.]*\s+)?(\d+)", layers or "")
     return int(match.group(1)) if match else None
