@@ -57,13 +57,7 @@ FAKE_WIKI = "ffmerge_bad_input_wiki"
 SAMPLE_RATE = 16_000
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and the box is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -42,14 +42,7 @@ RESUME_CONFIG = FinetuneConfig(
 KILL_AT_BATCH = 13  # second micro-batch of update 7: last.pt is at step 4, best.pt already at step 6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls gain nothing from threads but lose a lot on a shared box; one thread also makes
-    the in-process reference run use the same kernels as the single-threaded subprocess workers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def tiny_tied_llama() -> LlamaForCausalLM:
@@ -190,7 +183,7 @@ def test_resume_after_sigkill_is_exact(tmp_path: Path) -> None:
     assert b["result"]["resumed_from"] == 4 and "resumed from step 4" in b["log"]
     assert any(line.startswith(f"{BEST_CHECKPOINT} holds step 6") for line in b["log"])
 
-    # The uninterrupted reference runs in this process (saving an interpreter start); _one_thread
+    # The uninterrupted reference runs in this process (saving an interpreter start); the one_torch_thread fixture
     # gives it the subprocesses' thread count, so any difference comes from the resume.
     model, result, _ = _resume_test_run(str(tmp_path / "straight"), None)
     assert result["resumed_from"] is None

@@ -30,7 +30,10 @@ from ffmerge.sources import SourceError
 from ffmerge.tasks.base import add_sums
 from ffmerge.tasks.image_classification import ImageClassificationTask
 
-pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # tracing the tiny model to ONNX
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),  # tracing the tiny model to ONNX
+    pytest.mark.usefixtures("one_torch_thread"),  # tests/conftest.py
+]
 
 N_TRAIN, N_TEST = 120, 60  # fake Fashion-MNIST pools: image i of the train file has every pixel = i
 
@@ -100,16 +103,6 @@ def export_onnx(backbone: Dinov2Model, path: Path, size: int = 16, legacy_names:
             node.output[:] = [legacy(n) for n in node.output]
         onnx.save(proto, str(path))
     return path
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine each op then waits ~8 ms for
-    its second thread (measured: the window-search test took 21 s instead of 0.7 s); restore the setting after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
