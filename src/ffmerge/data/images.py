@@ -4,241 +4,78 @@ As with text, merging is calibrated on one set of images and judged on others, s
 same pool must be disjoint and exactly reproducible (same seed -> byte-identical files). Each pool's images
 are ordered by a seeded hash of their index (stable across Python, NumPy and torch versions, unlike a
 shuffle) and handed out in :data:`SPLIT_ORDER`, so the test split depends only on the seed and its own
-size, never on how many calibration or training images were asked for.
+size, never on how many calibration or training images were asked for. A pool's length is all that the
+choice needs: a Parquet split's comes from its files' footers, and only the chosen images are ever decoded.
 
-Images are decoded once, resized (shorter side to ``image_size / crop_fraction``, then a centre crop of
-``image_size``), converted to RGB and stored as uint8 ``[N, 3, H, W]`` in safetensors shards of
-:data:`SHARD_SIZE` images, so neither preparation nor training ever needs a whole ImageNet split in memory.
-:class:`ImageSplit` reads them back lazily; :func:`load_image_split` loads a whole split.
+Where the images come from (Fashion-MNIST, class folders, the ILSVRC2012 validation folder with its ground
+truth, local or hub Parquet, streamed hub datasets) is :mod:`ffmerge.data.image_sources`; how they become
+model inputs (the model's own image processor, or a resize and centre crop; the fine-tuning augmentation) is
+:mod:`ffmerge.data.image_transforms`.
 
-Sources (``source["kind"]``):
-- ``fashion_mnist``: the Debian package ``dataset-fashion-mnist`` (idx files); train and valid come from
-  the 60k training file, test and calib from the 10k test file;
-- ``hub``: a ``datasets`` image dataset (e.g. ``ILSVRC/imagenet-1k``); as in the paper, calib and test both
-  come from the labelled ``validation`` split (disjoint), train and valid from ``train``;
-- ``imagefolder``: ``path/<pool>/<class>/<image>`` on disk, pools as for ``hub``.
-Any source may override the pool of each split with ``pools: {split: pool}``.
+Images are decoded once (in parallel threads, one per torch thread), made into uint8 ``[3, S, S]`` and stored
+in safetensors shards of :data:`SHARD_SIZE` images, so neither preparation nor training ever needs a whole
+ImageNet split in memory. Sources read in storage order (Parquet row groups, streams) are first written to
+staging shards in that order and then copied into the seeded order. With ``data.augment`` enabled, the train
+split keeps each image's encoded bytes instead (``format: encoded``), so fine-tuning can crop the whole
+source image anew for every batch. :class:`ImageSplit` reads either format back lazily;
+:func:`load_image_split` loads a whole split.
 """
 
 from __future__ import annotations
 
 import bisect
-import gzip
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from ffmerge.data.image_sources import (  # noqa: F401  (re-exported: the package's image data API)
+    DEFAULT_CROP_FRACTION,
+    DEFAULT_POOLS,
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIR,
+    FASHION_MNIST_FILES,
+    FASHION_MNIST_POOLS,
+    IMAGE_SUFFIXES,
+    VALID_KINDS,
+    ImageRef,
+    Pool,
+    load_pools,
+    read_idx,
+    split_pools,
+)
+from ffmerge.data.image_transforms import (  # noqa: F401
+    HIGH_DEPTH_MODES,
+    ModelProcessor,
+    augment,
+    augment_settings,
+    check_mode,
+    choose_transform,
+    decode,
+    to_pixels,
+    transform_from_record,
+    uniforms,
+)
 from ffmerge.data.text import SPLIT_ORDER, check_split_counts
-from ffmerge.sources import SourceError, looks_offline, sha256_file, write_json
+from ffmerge.sources import SourceError, write_json
 from ffmerge.workflow.atomic import atomic_output_dir
 
 SPLITS_RECORD = "splits.json"
-VALID_KINDS = ("fashion_mnist", "hub", "imagefolder")
 SHARD_SIZE = 2048
 IMAGE_KEY, LABEL_KEY = "pixel_values", "labels"
-DEFAULT_POOLS = {"test": "validation", "calib": "validation", "valid": "train", "train": "train"}
-FASHION_MNIST_POOLS = {"test": "test", "calib": "test", "valid": "train", "train": "train"}
-# ImageNet evaluation crops 224 of 256 px; Fashion-MNIST's 28 px objects fill the frame, so keep it whole
-DEFAULT_CROP_FRACTION = {"fashion_mnist": 1.0, "hub": 0.875, "imagefolder": 0.875}
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_FILES = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-}
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
-# --------------------------------------------------------------------------------------------
-# Pools: where images come from
-# --------------------------------------------------------------------------------------------
-
-
-class Pool:
-    """One source split: ``len`` images in a canonical (seed-free) order, their labels and a fingerprint."""
-
-    name: str
-    classes: list[str]
-    fingerprint: dict[str, Any]
-
-    def __len__(self) -> int:
-        raise NotImplementedError
-
-    def items(self, indices: Sequence[int]) -> Iterator[tuple[Image.Image, int]]:
-        """The images and labels at ``indices``, in that order."""
-        raise NotImplementedError
-
-
-class ArrayPool(Pool):
-    """Grayscale images held as a uint8 array (Fashion-MNIST: 47 MB for the whole training file)."""
-
-    def __init__(self, name: str, images: np.ndarray, labels: np.ndarray, classes: Sequence[str], fingerprint: dict):
-        self.name, self.images, self.labels = name, images, labels
-        self.classes, self.fingerprint = list(classes), fingerprint
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def items(self, indices: Sequence[int]) -> Iterator[tuple[Image.Image, int]]:
-        for i in indices:
-            yield Image.fromarray(self.images[i]), int(self.labels[i])
-
-
-class HubPool(Pool):
-    """One split of a ``datasets`` dataset; only the selected rows are ever decoded."""
-
-    def __init__(self, name: str, dataset: Any, image_field: str, label_field: str, fingerprint: dict):
-        self.name, self.dataset = name, dataset
-        self.image_field, self.label_field = image_field, label_field
-        names = getattr(dataset.features.get(label_field), "names", None)  # a ClassLabel names its classes
-        self.classes = list(names) if names else [str(i) for i in range(max(dataset[label_field]) + 1)]
-        self.fingerprint = fingerprint
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def items(self, indices: Sequence[int]) -> Iterator[tuple[Image.Image, int]]:
-        for row in self.dataset.select(list(indices)):
-            yield row[self.image_field], int(row[self.label_field])
-
-
-class FolderPool(Pool):
-    """``root/<class>/<file>`` image files, sorted by class then relative path."""
-
-    def __init__(self, name: str, root: Path, classes: Sequence[str]):
-        self.name, self.root, self.classes = name, root, list(classes)
-        index = {c: i for i, c in enumerate(self.classes)}
-        self.files = [
-            (path, index[path.parent.name])
-            for c in self.classes
-            if (root / c).is_dir()
-            for path in sorted((root / c).rglob("*"))
-            if path.suffix.lower() in IMAGE_SUFFIXES
-        ]
-        listing = "\n".join(f"{p.relative_to(root)}\t{p.stat().st_size}" for p, _ in self.files)
-        self.fingerprint = {"folder": str(root), "listing_sha256": hashlib.sha256(listing.encode()).hexdigest()}
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def items(self, indices: Sequence[int]) -> Iterator[tuple[Image.Image, int]]:
-        for i in indices:
-            path, label = self.files[i]
-            with Image.open(path) as image:
-                image.load()
-                check_mode(image, str(path))
-                yield image, label
-
-
-def load_pools(source: dict, needed: set[str]) -> dict[str, Pool]:
-    """The pools ``needed`` by the requested splits, for a source of any kind."""
-    kind = source.get("kind")
-    loaders = {"fashion_mnist": _fashion_mnist_pools, "hub": _hub_pools, "imagefolder": _folder_pools}
-    if kind not in loaders:
-        raise SourceError(f"Unknown image source kind {kind!r}; valid kinds: {', '.join(VALID_KINDS)}")
-    return loaders[kind](source, needed)
-
-
-def split_pools(source: dict) -> dict[str, str]:
-    """Which pool each split draws from: the kind's default, overridden by ``source["pools"]``."""
-    base = FASHION_MNIST_POOLS if source.get("kind") == "fashion_mnist" else DEFAULT_POOLS
-    return {**base, **source.get("pools", {})}
-
-
-def _fashion_mnist_pools(source: dict, needed: set[str]) -> dict[str, Pool]:
-    folder = Path(source.get("path", FASHION_MNIST_DIR))
-    missing = [f for pair in FASHION_MNIST_FILES.values() for f in pair if not (folder / f).is_file()]
-    if missing:
-        raise SourceError(
-            f"Fashion-MNIST files {missing} not found in {folder}. Install them with: "
-            "apt-get install dataset-fashion-mnist (or set data.path to a folder holding the idx .gz files)"
-        )
-    unknown = needed - set(FASHION_MNIST_FILES)
-    if unknown:
-        raise SourceError(f"Fashion-MNIST has pools {sorted(FASHION_MNIST_FILES)}, not {sorted(unknown)}")
-    pools = {}
-    for name in sorted(needed):
-        image_file, label_file = (folder / f for f in FASHION_MNIST_FILES[name])
-        images, labels = read_idx(image_file), read_idx(label_file)
-        if images.ndim != 3 or labels.shape != images.shape[:1]:
-            raise SourceError(f"{image_file} / {label_file}: shapes {images.shape} and {labels.shape} do not match")
-        fingerprint = {f.name: sha256_file(f) for f in (image_file, label_file)}
-        pools[name] = ArrayPool(name, images, labels, FASHION_MNIST_CLASSES, fingerprint)
-    return pools
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (MNIST's format: zero bytes, a type code, the rank, big-endian dims, then the data)."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        data = fh.read()
-    if data[:2] != b"\0\0" or data[2] != 0x08:
-        raise SourceError(f"{path} is not an unsigned-byte IDX file (header {data[:4].hex()})")
-    rank = data[3]
-    dims = np.frombuffer(data, dtype=">u4", count=rank, offset=4).astype(int)
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * rank).reshape(dims)
-
-
-def _hub_pools(source: dict, needed: set[str]) -> dict[str, Pool]:
-    try:
-        import datasets
-    except ImportError as exc:
-        raise SourceError("Hub image sources need the 'datasets' package: pip install 'ffmerge[data]'") from exc
-    path, name, revision = source["path"], source.get("name"), source.get("revision")
-    extra = {k: source[k] for k in ("data_dir", "data_files") if k in source}
-    pools = {}
-    for pool in sorted(needed):
-        try:
-            dataset = datasets.load_dataset(path, name, split=pool, revision=revision, **extra)
-        except (OSError, ConnectionError) as exc:
-            if looks_offline(exc):
-                raise SourceError(
-                    f"Could not load dataset {path!r} from the Hugging Face hub: this machine looks offline and "
-                    "the dataset is not cached. Use {kind: fashion_mnist} (apt-get install dataset-fashion-mnist) "
-                    "or {kind: imagefolder, path: ...}, or run where the hub is reachable (ImageNet also needs "
-                    "its terms accepted and a token)."
-                ) from exc
-            raise SourceError(f"Could not load split {pool!r} of dataset {path!r}: {exc}") from exc
-        fingerprint = {"dataset": path, "name": name, "revision": revision, "fingerprint": dataset._fingerprint}
-        image_field, label_field = source.get("image_field", "image"), source.get("label_field", "label")
-        missing = {image_field, label_field} - set(dataset.column_names)
-        if missing:
-            raise SourceError(f"{path} split {pool!r} lacks columns {sorted(missing)}; has {dataset.column_names}")
-        pools[pool] = HubPool(pool, dataset, image_field, label_field, fingerprint)
-    return pools
-
-
-def _folder_pools(source: dict, needed: set[str]) -> dict[str, Pool]:
-    root = Path(source["path"])
-    absent = sorted(p for p in needed if not (root / p).is_dir())
-    if absent:
-        present = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-        raise SourceError(
-            f"image folder {root} lacks pool folders {absent} (has: {', '.join(present) or 'nothing'}); "
-            "expected <path>/<pool>/<class>/<image>, or map splits to the folders present with pools: {split: folder}"
-        )
-    classes = sorted({d.name for p in needed for d in (root / p).iterdir() if d.is_dir()})
-    return {p: FolderPool(p, root / p, classes) for p in sorted(needed)}
+# an encoded shard: the image files' bytes end to end, and where each starts (n + 1 offsets)
+BYTES_KEY, OFFSETS_KEY = "image_bytes", "image_offsets"
+STAGING_DIR = ".staging"
+PIXELS, ENCODED = "pixels", "encoded"
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,31 +90,45 @@ def prepare_image_splits(
     seed: int,
     image_size: int,
     extra: dict[str, Any] | None = None,
+    *,
+    model_dir: str | Path | None = None,
 ) -> dict:
-    """Write ``{split}-{shard}.safetensors`` (uint8 images, int64 labels) and ``splits.json`` into ``out_dir``.
+    """Write ``{split}-{shard}.safetensors`` (uint8 images or encoded bytes, int64 labels) and ``splits.json``.
 
-    ``splits`` gives the number of images per split. ``extra`` is merged into the record (the task stores
-    what it needs to know about the model, e.g. tokens per image and normalisation). Returns the record.
+    ``splits`` gives the number of images per split. ``model_dir`` is the model's folder: its image processor,
+    if it has one, makes the stored images (see :mod:`ffmerge.data.image_transforms`). ``extra`` is merged into
+    the record (the task stores what it needs to know about the model, e.g. tokens per image and
+    normalisation). Returns the record.
     """
     _check_counts(splits, image_size)
     pool_of = split_pools(source)
+    augmentation = augment_settings(source)
+    crop = float(source.get("crop_fraction", DEFAULT_CROP_FRACTION[source["kind"]]))
+    transform = choose_transform(source, model_dir, image_size, crop)
     pools = load_pools(source, {pool_of[s] for s in splits})
     classes = _common_classes(pools)
-    crop = float(source.get("crop_fraction", DEFAULT_CROP_FRACTION[source["kind"]]))
     chosen = _assign(pools, pool_of, splits, seed)
     info: dict[str, Any] = {}
     with atomic_output_dir(out_dir, SPLITS_RECORD) as tmp:
         for split, indices in chosen.items():
             pool = pools[pool_of[split]]
-            info[split] = _write_split(tmp, split, pool, indices, image_size, crop, len(classes))
+            if split == "train" and augmentation is not None:
+                info[split] = _write_split(tmp, split, pool, indices, _checked_bytes, len(classes), ENCODED)
+            else:
+                process = _pixels_by(transform)
+                info[split] = _write_split(tmp, split, pool, indices, process, len(classes), PIXELS)
+        if isinstance(transform, ModelProcessor):
+            transform.save(tmp)
         record = {
             "seed": seed,
             "source": source,
             "image_size": image_size,
             "crop_fraction": crop,
+            "transform": transform.describe(),
             "classes": classes,
             "sources": {name: pool.fingerprint for name, pool in pools.items()},
             "splits": info,
+            **({"augment": augmentation} if augmentation else {}),
             **(extra or {}),
         }
         write_json(tmp / SPLITS_RECORD, record)
@@ -322,54 +173,142 @@ def seeded_order(n: int, seed: int, pool: str) -> list[int]:
     return sorted(range(n), key=lambda i: hashlib.sha256(f"{seed}\0{pool}\0{i}".encode()).digest())
 
 
+def _pixels_by(transform: Callable) -> Callable[[ImageRef], np.ndarray]:
+    return lambda ref: transform(ref.open())
+
+
+def _checked_bytes(ref: ImageRef) -> bytes:
+    """The image's encoded bytes, decoded once now so that a broken or 16-bit file stops preparation, not a
+    fine-tuning job hours later."""
+    data = ref.encoded()
+    decode(data, ref.where)
+    return data
+
+
+def decode_workers() -> int:
+    """Threads that decode images: one per torch thread (the job's CPUs; PIL releases the GIL)."""
+    return max(1, torch.get_num_threads())
+
+
+def parallel_map(function: Callable, items: Iterator, workers: int) -> Iterator:
+    """``function(item)`` for every item, in order, computed by ``workers`` threads a bounded window ahead."""
+    if workers <= 1:
+        yield from map(function, items)
+        return
+    with ThreadPoolExecutor(workers) as executor:
+        window: deque = deque()
+        for item in items:
+            window.append(executor.submit(function, item))
+            if len(window) >= 4 * workers:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+
 def _write_split(
-    out: Path, split: str, pool: Pool, indices: list[int], size: int, crop: float, n_classes: int
+    out: Path, split: str, pool: Pool, indices: list[int], process: Callable, n_classes: int, fmt: str
 ) -> dict[str, Any]:
-    """Decode, resize and store one split shard by shard; return its entry of the record."""
-    shards, counts = [], np.zeros(n_classes, dtype=np.int64)
-    for number, start in enumerate(range(0, len(indices), SHARD_SIZE)):
-        part = indices[start : start + SHARD_SIZE]
-        pixels, labels = [], []
-        for image, label in pool.items(part):
-            pixels.append(to_pixels(image, size, crop))
-            labels.append(label)
-        if min(labels) < 0 or max(labels) >= n_classes:
-            raise SourceError(f"split {split!r}: labels {min(labels)}..{max(labels)} outside 0..{n_classes - 1}")
-        name = f"{split}-{number:05d}.safetensors"
-        tensors = {IMAGE_KEY: torch.from_numpy(np.stack(pixels)), LABEL_KEY: torch.tensor(labels, dtype=torch.int64)}
-        save_file(tensors, str(out / name))
-        shards.append(name)
-        counts += np.bincount(labels, minlength=n_classes)
-    return {"n_images": len(indices), "pool": pool.name, "shards": shards, "class_counts": counts.tolist()}
+    """Decode (or copy) and store one split shard by shard; return its entry of the record."""
+    labelled = ((k, ref, _check_label(label, split, pool, n_classes, ref)) for k, ref, label in pool.read(indices))
+    rows = parallel_map(lambda item: (item[0], process(item[1]), item[2]), labelled, decode_workers())
+    if pool.in_order:
+        shards, labels = _write_in_order(out, split, rows, fmt)
+    else:
+        shards, labels = _write_staged(out, split, rows, fmt, len(indices), pool)
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes)
+    entry = {"n_images": len(indices), "pool": pool.name, "shards": shards, "class_counts": counts.tolist()}
+    return entry | ({"format": ENCODED} if fmt == ENCODED else {})
 
 
-# 16/32-bit integer and float images: PIL's RGB conversion clips every value above 255 (a 16-bit scan becomes
-# almost white) and keeps floats in [0, 1] as 0 or 1 (almost black), without a warning.
-HIGH_DEPTH_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
-
-
-def check_mode(image: Image.Image, where: str) -> None:
-    """Refuse images whose pixels do not fit 8 bits, instead of letting PIL clip them silently."""
-    if image.mode in HIGH_DEPTH_MODES:
+def _check_label(label: int, split: str, pool: Pool, n_classes: int, ref: ImageRef) -> int:
+    if label < 0:
         raise SourceError(
-            f"{where}: image mode {image.mode!r} (16/32-bit or float pixels) would be clipped to 8-bit RGB and lose "
-            "its content. Convert the images to 8-bit grayscale or RGB first (e.g. ImageMagick: mogrify -depth 8 "
-            "-normalize *.png, or PIL: scale to 0..255 and convert('L'))."
+            f"split {split!r}: {ref.where} of pool {pool.name!r} has label {label} (unlabelled; ImageNet's test "
+            "labels are not public): draw the split from a labelled pool, e.g. pools: {test: validation}"
         )
+    if label >= n_classes:
+        raise SourceError(f"split {split!r}: {ref.where} has label {label}, outside 0..{n_classes - 1}")
+    return label
 
 
-def to_pixels(image: Image.Image, size: int, crop_fraction: float = 1.0) -> np.ndarray:
-    """uint8 ``[3, size, size]``: shorter side to ``size / crop_fraction`` (bicubic), then a centre crop."""
-    check_mode(image, "an image of the source")
-    image = image.convert("RGB")
-    width, height = image.size
-    scale = size / crop_fraction / min(width, height)
-    resized = (max(size, round(width * scale)), max(size, round(height * scale)))
-    if resized != image.size:
-        image = image.resize(resized, Image.Resampling.BICUBIC)
-    left, top = (resized[0] - size) // 2, (resized[1] - size) // 2
-    image = image.crop((left, top, left + size, top + size))
-    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy()
+def _write_in_order(out: Path, split: str, rows: Iterator, fmt: str) -> tuple[list[str], list[int]]:
+    shards, labels, values, shard_labels = [], [], [], []
+    for _, value, label in rows:
+        values.append(value)
+        shard_labels.append(label)
+        if len(values) == SHARD_SIZE:
+            shards.append(_save_shard(out, f"{split}-{len(shards):05d}.safetensors", values, shard_labels, fmt))
+            labels += shard_labels
+            values, shard_labels = [], []
+    if values:
+        shards.append(_save_shard(out, f"{split}-{len(shards):05d}.safetensors", values, shard_labels, fmt))
+        labels += shard_labels
+    return shards, labels
+
+
+def _write_staged(out: Path, split: str, rows: Iterator, fmt: str, n: int, pool: Pool) -> tuple[list[str], list[int]]:
+    """Rows that arrive in storage order: stage them in that order, then copy them into positions 0..n-1."""
+    staging = out / STAGING_DIR
+    staging.mkdir(exist_ok=True)
+    located: list[tuple[int, int] | None] = [None] * n
+    staged, values, labels = [], [], []
+    for k, value, label in rows:
+        located[k] = (len(staged), len(values))
+        values.append(value)
+        labels.append(label)
+        if len(values) == SHARD_SIZE:
+            staged.append(staging / _save_shard(staging, f"{split}-{len(staged):05d}.safetensors", values, labels, fmt))
+            values, labels = [], []
+    if values:
+        staged.append(staging / _save_shard(staging, f"{split}-{len(staged):05d}.safetensors", values, labels, fmt))
+    if any(place is None for place in located):
+        delivered = sum(place is not None for place in located)
+        raise SourceError(f"pool {pool.name!r} delivered {delivered} of the {n} images asked for split {split!r}")
+    readers = [ShardReader(path) for path in staged]
+    shards, all_labels = [], []
+    for start in range(0, n, SHARD_SIZE):
+        places = located[start : start + SHARD_SIZE]
+        values = [readers[s].value(r) for s, r in places]
+        shard_labels = [int(readers[s].labels[r]) for s, r in places]
+        shards.append(_save_shard(out, f"{split}-{len(shards):05d}.safetensors", values, shard_labels, fmt))
+        all_labels += shard_labels
+    del readers
+    for path in staged:
+        path.unlink()
+    staging.rmdir()
+    return shards, all_labels
+
+
+def _save_shard(folder: Path, name: str, values: list, labels: list[int], fmt: str) -> str:
+    label_tensor = torch.tensor(labels, dtype=torch.int64)
+    if fmt == PIXELS:
+        tensors = {IMAGE_KEY: torch.from_numpy(np.stack(values)), LABEL_KEY: label_tensor}
+    else:
+        offsets = np.concatenate([[0], np.cumsum([len(v) for v in values])]).astype(np.int64)
+        data = np.frombuffer(b"".join(values), dtype=np.uint8).copy()
+        tensors = {BYTES_KEY: torch.from_numpy(data), OFFSETS_KEY: torch.from_numpy(offsets), LABEL_KEY: label_tensor}
+    save_file(tensors, str(folder / name))
+    return name
+
+
+class ShardReader:
+    """One shard of either format, read row by row."""
+
+    def __init__(self, path: Path):
+        self.handle = safe_open(str(path), framework="pt")
+        self.labels = self.handle.get_tensor(LABEL_KEY)
+        keys = set(self.handle.keys())
+        self.format = ENCODED if BYTES_KEY in keys else PIXELS
+        self.offsets = self.handle.get_tensor(OFFSETS_KEY).tolist() if self.format == ENCODED else None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def value(self, row: int) -> np.ndarray | bytes:
+        """Row ``row``: uint8 pixels ``[3, H, W]`` or the encoded image's bytes."""
+        if self.format == PIXELS:
+            return self.handle.get_slice(IMAGE_KEY)[row : row + 1][0].numpy()
+        return self.handle.get_slice(BYTES_KEY)[self.offsets[row] : self.offsets[row + 1]].numpy().tobytes()
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,24 +325,38 @@ def read_image_record(data_dir: str | Path) -> dict:
 
 
 class ImageSplit:
-    """A stored split, read lazily shard by shard (labels are loaded at once; they are small)."""
+    """A stored split, read lazily shard by shard (labels are loaded at once; they are small).
+
+    An ``encoded`` split (the train split of an augmented task) is decoded on demand: :meth:`images` and
+    :meth:`gather` with the transform the data was prepared with, :meth:`augmented` with a random resized
+    crop and flip drawn from ``(seed, step)``.
+    """
 
     def __init__(self, data_dir: str | Path, split: str):
         self.dir = Path(data_dir)
         record = read_image_record(self.dir)
         if split not in record["splits"]:
             raise FileNotFoundError(f"No split {split!r} in {data_dir}; available: {', '.join(record['splits'])}")
+        self.record, self.name = record, split
         self.classes: list[str] = record["classes"]
-        self._handles = [safe_open(str(self.dir / name), framework="pt") for name in record["splits"][split]["shards"]]
-        sizes = [h.get_slice(LABEL_KEY).get_shape()[0] for h in self._handles]
-        self._starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
-        self.labels = torch.cat([h.get_tensor(LABEL_KEY) for h in self._handles])
+        self.format = record["splits"][split].get("format", PIXELS)
+        self._shards = [ShardReader(self.dir / name) for name in record["splits"][split]["shards"]]
+        self._handles = [shard.handle for shard in self._shards]
+        self._starts = np.concatenate([[0], np.cumsum([len(s) for s in self._shards])]).tolist()
+        self.labels = torch.cat([shard.labels for shard in self._shards])
+        self._transform = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def _locate(self, index: int) -> tuple[ShardReader, int]:
+        shard = bisect.bisect_right(self._starts, index) - 1
+        return self._shards[shard], index - self._starts[shard]
+
     def images(self, start: int, stop: int) -> torch.Tensor:
         """uint8 ``[stop - start, 3, H, W]`` of a contiguous range, reading only the shards it spans."""
+        if self.format == ENCODED:
+            return self.gather(range(start, stop))
         parts = []
         while start < stop:
             shard = bisect.bisect_right(self._starts, start) - 1
@@ -413,9 +366,42 @@ class ImageSplit:
             start = end
         return torch.cat(parts)
 
+    def encoded(self, index: int) -> bytes:
+        """The stored file bytes of image ``index`` of an encoded split."""
+        if self.format != ENCODED:
+            raise ValueError(f"split {self.name!r} of {self.dir} stores pixels, not encoded images")
+        shard, row = self._locate(index)
+        return shard.value(row)
+
     def gather(self, indices: Sequence[int]) -> torch.Tensor:
         """uint8 images at arbitrary ``indices`` (a training batch), in that order."""
-        return torch.cat([self.images(i, i + 1) for i in indices])
+        if self.format != ENCODED:
+            return torch.cat([self.images(i, i + 1) for i in indices])
+        if self._transform is None:
+            self._transform = transform_from_record(self.dir, self.record)
+        transform, where = self._transform, f"{self.dir} split {self.name}"
+        work = ((self.encoded(i), i) for i in indices)
+        arrays = parallel_map(
+            lambda item: transform(decode(item[0], f"{where} image {item[1]}")), work, decode_workers()
+        )
+        return torch.from_numpy(np.stack(list(arrays)))
+
+    def augmented(self, indices: Sequence[int], settings: dict[str, Any], *, seed: int, step: int) -> torch.Tensor:
+        """uint8 ``[len(indices), 3, S, S]``: the images at ``indices``, each randomly cropped and flipped with
+        numbers drawn from ``(seed, step, position in the batch)`` (see :mod:`ffmerge.data.image_transforms`)."""
+        if self.format != ENCODED:
+            raise ValueError(
+                f"split {self.name!r} of {self.dir} stores centre-cropped pixels, which cannot be cropped anew; "
+                "augmentation needs data.augment.enabled when prepare_data runs (rerun it)"
+            )
+        size, where = self.record["image_size"], f"{self.dir} split {self.name}"
+        work = ((self.encoded(i), i, k) for k, i in enumerate(indices))
+
+        def one(item: tuple[bytes, int, int]) -> np.ndarray:
+            data, index, position = item
+            return augment(decode(data, f"{where} image {index}"), size, settings, uniforms(seed, step, position))
+
+        return torch.from_numpy(np.stack(list(parallel_map(one, work, decode_workers()))))
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(uint8 images, labels)`` in stored order."""

@@ -52,7 +52,9 @@ class ImageClassificationTask(Task):
             "tokens_per_image": tokens_per_image(AutoConfig.from_pretrained(model_dir), image_size),
             "normalization": model_normalization(model_dir),
         }
-        return prepare_image_splits(self.cfg["data"], out_dir, self.cfg["splits"], self.cfg["seed"], image_size, extra)
+        return prepare_image_splits(
+            self.cfg["data"], out_dir, self.cfg["splits"], self.cfg["seed"], image_size, extra, model_dir=model_dir
+        )
 
     def calibration_batches(self, data_dir: Path) -> Iterator[dict[str, Any]]:
         """Just enough calibration images for ``features.tokens`` tokens, every position a real token."""
@@ -155,6 +157,8 @@ def image_batches(
 
     Position ``p = i * batch_size + k`` is image ``perm[epoch(p)][p mod N]``; the permutation of an epoch
     depends only on ``(seed, epoch)``, so a resumed run sees exactly the batches an uninterrupted one would.
+    When the data was prepared with ``data.augment`` (``record["augment"]``), each image is a random resized
+    crop of its source image, flipped at random, with numbers drawn from ``(seed, i)``: still a pure function.
     """
     n = len(split)
     if batch_size < 1 or n < 1:
@@ -165,10 +169,13 @@ def image_batches(
         generator = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
         return torch.randperm(n, generator=generator)
 
+    augment = record.get("augment")
+
     def get_batch(step: int) -> dict[str, torch.Tensor]:
         positions = range(step * batch_size, (step + 1) * batch_size)
         indices = [int(permutation(p // n)[p % n]) for p in positions]
-        return {"pixel_values": _inputs(split.gather(indices), record), "labels": split.labels[indices]}
+        pixels = split.augmented(indices, augment, seed=seed, step=step) if augment else split.gather(indices)
+        return {"pixel_values": _inputs(pixels, record), "labels": split.labels[indices]}
 
     return get_batch
 

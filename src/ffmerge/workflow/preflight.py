@@ -45,6 +45,9 @@ def preflight(config: dict[str, Any]) -> None:
         if task["type"] == "translation":
             for warning in translation_data_warnings(name, task):
                 print(f"ffmerge preflight warning: {warning}", file=sys.stderr)
+        if task["type"] == "image_classification":
+            for warning in image_data_warnings(name, task):
+                print(f"ffmerge preflight warning: {warning}", file=sys.stderr)
 
 
 def translation_data_warnings(name: str, task: dict[str, Any]) -> list[str]:
@@ -82,6 +85,50 @@ def translation_data_warnings(name: str, task: dict[str, Any]) -> list[str]:
                 raise ConfigError(
                     f"tasks.{name}.{key}: local dataset folder {folder} does not exist (a copy of the hub's Parquet "
                     "export holds one folder per config, e.g. eng-zho/test/0000.parquet; set path, name or data_dir)"
+                )
+    return warnings
+
+
+def image_data_warnings(name: str, task: dict[str, Any]) -> list[str]:
+    """Check the image source settings before any job runs; return what is missing on this machine.
+
+    Settings that can never work (an augmentation range the wrong way round) are errors. Local folders and
+    files that do not exist (yet) are warnings naming the key and what it should hold: a run, or a dry run, can
+    be planned without them (the paper config points at an ImageNet copy most machines lack), and prepare_data
+    stops with the same message. Hub datasets are not contacted here.
+    """
+    from ..data.image_sources import ILSVRC_LABEL_FILES, LOCAL_IMAGE_HINT
+    from ..data.image_transforms import augment_settings
+
+    data = task["data"]
+    try:
+        augment_settings(data)
+    except sources.SourceError as err:
+        raise ConfigError(f"tasks.{name}.{err}") from None
+    kind, key = data["kind"], f"tasks.{name}.data"
+    expected = {
+        "imagefolder": "<pool>/<class>/<image> folders",
+        "parquet": "the Parquet export's <config>/<split>/NNNN.parquet files",
+        "ilsvrc_val": "the flat ILSVRC2012_val_NNNNNNNN.JPEG validation images",
+    }
+    warnings = []
+    if kind in expected and not Path(data["path"]).is_dir():
+        warnings.append(f"{key}.path: {data['path']} does not exist (expected {expected[kind]}). {LOCAL_IMAGE_HINT}")
+    if kind == "ilsvrc_val":
+        for option in ("labels", "synsets", "devkit_meta"):
+            if data.get(option) and not Path(data[option]).is_file():
+                warnings.append(f"{key}.{option}: {data[option]} does not exist; prepare_data will stop without it")
+        if data.get("train_path") and not Path(data["train_path"]).is_dir():
+            warnings.append(
+                f"{key}.train_path: {data['train_path']} does not exist (expected one folder of training images per "
+                "synset, DIR/n01440764/*.JPEG); prepare_data will stop without it"
+            )
+        if not data.get("labels") and Path(data["path"]).is_dir():
+            folders = (Path(data["path"]), Path(data["path"]).parent)
+            if not any((folder / f).is_file() for folder in folders for f in ILSVRC_LABEL_FILES):
+                warnings.append(
+                    f"{key}.labels is not set and neither {' nor '.join(ILSVRC_LABEL_FILES)} lies in {data['path']} or "
+                    "its parent: prepare_data will stop without the ground truth"
                 )
     return warnings
 
