@@ -22,6 +22,11 @@ wildcard_constraints:
     prepared="base|backbone",
 
 
+def control_model(path):
+    """Fine-tuned control models are temp outputs, deleted once used, unless the config says keep_models all."""
+    return temp(path) if config["keep_models"] == "chosen" else path
+
+
 def task_cfg(*keys):
     """Only the config blocks a rule reads, so editing one block (say, finetune) reruns only its jobs.
 
@@ -141,7 +146,9 @@ def report_params(*keys):
 
 
 def describe_model(source):
-    return source.get("id") or source.get("path") or source.get("file", "?")
+    """A model's name for figure titles: the hub id, or the folder or file name (a full path overflows them)."""
+    local = source.get("path") or source.get("file", "?")
+    return source.get("id") or os.path.basename(os.path.normpath(local))
 
 
 def figure_outputs(name, caption, subcategory):

@@ -122,10 +122,16 @@ def test_reduced_default_pipeline_end_to_end(tmp_path):
     socket_path = Path(server_log[0].split(" listening on ")[1])
     assert not socket_path.exists()
 
-    # pre-fine-tuning checkpoints are temp outputs: gone once fine-tuned, their metric kept in pre.json
+    # pre-fine-tuning checkpoints are temp outputs: gone once fine-tuned, their metric kept in pre.json; of the
+    # fine-tuned models only the chosen permute merge (keep_models: chosen) and the fine-tuned base stay, the
+    # controls' metrics in post.json
     for task in ("lm", "vision", "asr"):
-        assert not list((results / task / "models").glob("*/*/*/compressed")), task
-        assert list((results / task / "models").glob("*/*/*/finetuned")), task
+        models = results / task / "models"
+        fraction = "14of15" if task == "lm" else "1of3"
+        assert not list(models.glob("*/*/*/compressed")), task
+        kept = sorted(str(p.relative_to(models)) for p in models.glob("**/finetuned"))
+        assert kept == ["base/finetuned", f"permute/{fraction}/best/finetuned"], task
+        assert len(list((results / task / "eval").glob("*/*/*/post.json"))) == 6, task  # 4 methods, anchor, random
         assert list((results / task / "eval").glob("*/*/*/pre.json")), task
 
     again = subprocess.run([*command, "-n"], capture_output=True, text=True)

@@ -129,6 +129,8 @@ def test_workflow_has_the_expected_rules_and_checkpoint(snakemake_workflow):
         "select_window",
         "compress",
         "finetune",
+        "finetune_control",
+        "finetune_random",
         "finetune_base",
         "evaluate",
         "quantize_int8",
@@ -141,13 +143,34 @@ def test_workflow_has_the_expected_rules_and_checkpoint(snakemake_workflow):
     assert snakemake_workflow.default_target == "all"
 
 
-def test_only_the_pre_finetuning_checkpoints_are_temporary(snakemake_workflow):
+def test_only_models_before_finetuning_and_the_controls_are_temporary(snakemake_workflow):
     """The compressed model before fine-tuning is deleted once its fine-tune is done (its metric stays in
-    pre.json); every other output, fine-tuned models and result files included, is kept."""
+    pre.json), and so are the fine-tuned controls (keep_models: chosen); the chosen merge, the fine-tuned base and
+    every result file are kept."""
     temporary = {(rule.name, str(f)) for rule in snakemake_workflow.rules for f in rule.output if f.is_temp}
-    assert {name for name, _ in temporary} == {"compress"}, temporary
-    assert [path.rsplit("/", 1)[-1] for _, path in temporary] == ["compressed"], temporary
-    assert not any(f.is_temp for f in snakemake_workflow.get_rule("finetune").output)
+    assert {name for name, _ in temporary} == {"compress", "finetune_control", "finetune_random"}, temporary
+    assert {(name, path.rsplit("/", 1)[-1]) for name, path in temporary} == {
+        ("compress", "compressed"),
+        ("finetune_control", "finetuned"),
+        ("finetune_random", "finetuned"),
+    }
+    for kept in ("finetune", "finetune_base"):
+        assert not any(f.is_temp for f in snakemake_workflow.get_rule(kept).output), kept
+
+
+def test_exactly_one_finetune_rule_matches_each_planned_model(snakemake_workflow, default_config):
+    """finetune, finetune_control and finetune_random share one path pattern, told apart by their wildcard
+    constraints: every model the default grid plans must match exactly one, and the chosen merge the kept rule."""
+    rules = [snakemake_workflow.get_rule(n) for n in ("finetune", "finetune_control", "finetune_random")]
+    results = snakemake_workflow.config["results_dir"]
+    for task, cfg in default_config["tasks"].items():
+        for variant, fraction, choice in compressed_models(cfg["experiments"]):
+            target = f"{results}/{task}/eval/{variant}/{fraction}/{choice}/post.json"
+            matching = [rule.name for rule in rules if rule.is_producer(target)]
+            expected = "finetune" if (variant, choice) == ("permute", "best") else None
+            assert len(matching) == 1, (target, matching)
+            assert expected is None or matching == [expected], (target, matching)
+            assert expected is not None or matching != ["finetune"], (target, matching)
 
 
 def test_every_rule_that_runs_names_an_existing_conda_env(snakemake_workflow):
@@ -621,7 +644,11 @@ def _task_counts(task: dict) -> dict[str, int]:
         "align": 1 if "permute" in searches and task["search"]["mode"] == "in_process" else 0,
         "select_window": len(searches) * len(fractions),
         "compress": len(models),
-        "finetune": len(models),  # each also writes its model's test metric (eval/.../post.json)
+        # each also writes its model's test metric (eval/.../post.json); the chosen merges are kept, the controls
+        # and random windows are temp (keep_models: chosen)
+        "finetune": sum((v, c) == ("permute", "best") for v, _, c in models),
+        "finetune_control": sum(v != "permute" and c == "best" for v, _, c in models),
+        "finetune_random": sum(c != "best" for _, _, c in models),
         "finetune_base": 1,
         "evaluate": 1,  # the base before fine-tuning; compress writes eval/.../pre.json of the others
         "quantize_int8": len(int8) if exp["int8"] else 0,
