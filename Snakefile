@@ -54,6 +54,10 @@ FORK_SERVER = []
 
 
 onstart:
+    if workflow.local_exec:  # local jobs stop when this process is gone (ffmerge.workflow.jobs.die_with_snakemake)
+        from ffmerge.workflow.jobs import SNAKEMAKE_PID_ENV
+
+        os.environ[SNAKEMAKE_PID_ENV] = str(os.getpid())
     if config["fork_server"] and workflow.local_exec and not workflow.deployment_settings.deployment_method:
         from ffmerge.workflow.forkserver import ForkServer
 

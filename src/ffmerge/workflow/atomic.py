@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import shutil
@@ -53,7 +54,8 @@ def write_json(path: str | Path, data: Any) -> None:
     """Write JSON atomically so an interrupted job never leaves a file that looks finished."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+    _remove_leftovers(path.parent, f".{path.name}.", ".tmp")
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, prefix=f".{path.name}.", suffix=".tmp") as f:
         try:
             json.dump(data, f, indent=2)
             f.flush()
@@ -86,6 +88,8 @@ def atomic_output_dir(out_dir: str | Path, marker: str) -> Iterator[Path]:
             "set results_dir to a folder of its own"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(out.parent, f".{out.name}.tmp-")
+    _remove_leftovers(out.parent, f".{out.name}.old-")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp's private 0700 would otherwise become the final folder's mode
     try:
@@ -97,6 +101,22 @@ def atomic_output_dir(out_dir: str | Path, marker: str) -> Iterator[Path]:
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_leftovers(folder: Path, prefix: str, suffix: str = "") -> None:
+    """Delete the scratch copies (``prefix*suffix``) of an output left by a writer that was killed (SIGKILL,
+    power loss).
+
+    Only the job that writes an output makes its scratch copies, and Snakemake runs one job per output at a
+    time (a job of a dead run kills itself, ``ffmerge.workflow.jobs.die_with_snakemake``), so whatever matches
+    when the next writer starts is garbage: up to a whole model per interrupted save.
+    """
+    for leftover in folder.glob(f"{glob.escape(prefix)}*{glob.escape(suffix)}"):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
 
 
 def _kept_dir(out: Path) -> str:

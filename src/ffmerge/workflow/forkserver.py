@@ -45,9 +45,9 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_json
+from .jobs import FORKED_ENV, die_with_snakemake, process_alive  # FORKED_ENV: delegate() runs in place
 
 SOCKET_ENV = "FFMERGE_FORK_SERVER"  # the server's socket path; set for the jobs of a local run
-FORKED_ENV = "FFMERGE_FORKED"  # set inside a fork, where delegate() must run the script in place
 DEFAULT_PRELOAD = ("ffmerge.workflow.pipeline", "snakemake.iocontainers", "snakemake.logging", "snakemake.script")
 # Read by libraries while they are imported (huggingface_hub's offline flag, torch's allocator settings,
 # the CUDA device list, Python's own flags): a job whose values differ cannot reuse the server's imports.
@@ -79,6 +79,7 @@ def delegate(smk: Any = None) -> None:
     """
     if os.environ.get(FORKED_ENV):
         return
+    die_with_snakemake()  # here, before waiting: the fork dies with this process, this process with Snakemake
     log = smk.log[0] if smk is not None and smk.log else None
     if log:
         with contextlib.suppress(FileNotFoundError):
@@ -229,7 +230,7 @@ def serve(path: str, parent_pid: int | None, preload: tuple[str, ...] = DEFAULT_
             _send(conn, {"exit": code, "cpu_s": cpu_s, "max_rss_mb": round(usage.ru_maxrss / 1024, 1)})
             conn.close()
 
-    while parent_pid is None or _alive(parent_pid):
+    while parent_pid is None or process_alive(parent_pid):
         for key, _ in selector.select(timeout=2.0):
             if key.fileobj is listener:
                 conn, _ = listener.accept()
@@ -242,6 +243,8 @@ def serve(path: str, parent_pid: int | None, preload: tuple[str, ...] = DEFAULT_
     listener.close()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+    with contextlib.suppress(OSError):  # the folder ForkServer made for the socket, if empty now
+        os.rmdir(os.path.dirname(path))
 
 
 def _refusal(request: dict[str, Any], identity: dict[str, str], server_env: dict[str, str]) -> str | None:
@@ -310,16 +313,6 @@ def _exit_code(code: Any) -> int:
 def _send(conn: socket.socket, message: dict[str, Any]) -> None:
     with contextlib.suppress(OSError):  # the job may be gone; its fork then dies by itself
         conn.sendall(json.dumps(message).encode() + b"\n")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ------------------------------------------------------------------------------------ starting and stopping
