@@ -43,6 +43,8 @@ GPU_RULES = {
     "compress",
     "finetune",
     "finetune_base",
+    "finetune_control",
+    "finetune_random",
     "evaluate",
     "quantize_int8",
     "quantize_int8_base",
@@ -85,9 +87,37 @@ def _rule_names() -> set[str]:
     return names
 
 
+def _derived_rules() -> dict[str, str]:
+    """``{rule: the rule it was made from}`` for every ``use rule A as B``, followed back to the first rule."""
+    parents = {}
+    for smk in [SNAKEFILE, *(REPO / "rules").glob("*.smk")]:
+        parents |= {b: a for a, b in re.findall(r"^use rule (\w+) as (\w+)", smk.read_text(), flags=re.M)}
+    roots = {}
+    for rule in parents:
+        root = rule
+        while root in parents:
+            root = parents[root]
+        roots[rule] = root
+    return roots
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The profile, without SLURM
 # --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", [PROFILE, LAPTOP_PROFILE], ids=["slurm", "laptop"])
+def test_rules_made_from_a_profiled_rule_get_its_settings(path):
+    """A rule made with ``use rule finetune as finetune_control`` is a separate name to Snakemake: a profile that
+    lists only ``finetune`` would send the control fine-tunes to SLURM with the default resources (no GPU)."""
+    profile = yaml.safe_load(path.read_text())
+    derived = _derived_rules()
+    assert {"finetune_base", "finetune_control", "finetune_random"} <= set(derived)
+    for section in ("set-resources", "set-threads"):
+        settings = profile[section]
+        for rule, root in derived.items():
+            if root in settings:
+                assert settings.get(rule) == settings[root], f"{path.parent.name} {section}: {rule} differs from {root}"
 
 
 def test_profile_resources_are_the_plugins_and_cover_every_compute_rule():
