@@ -2,7 +2,8 @@
 # rules only).
 import os
 
-from ffmerge.experiments import compressed_models, fraction_label, parse_fraction_label
+from ffmerge.experiments import (MERGE_METHODS, compressed_models, fraction_label, parse_fraction_label, search_of,
+                                 split_variant)
 from ffmerge.workflow.preflight import candidate_starts
 
 R = os.path.join(config["results_dir"], "{task}")
@@ -14,7 +15,7 @@ DEVICE = config["device"]
 wildcard_constraints:
     task="[A-Za-z0-9_-]+",
     search="permute|vanilla|drop|ffdrop",
-    variant="(permute|vanilla)(@(first|middle|last))?|drop|ffdrop",
+    variant="(permute|vanilla)(@(first|middle|last))?|drop|ffdrop|tie_random",
     fraction="[0-9]+of[0-9]+|all-but-one",
     choice="best|random[0-9]+",
     start="[0-9]+",
@@ -52,15 +53,15 @@ def source_model_dir(task):
     return f"{R}/model/{prepared_name(task)}".format(task=task)
 
 
-def search_of(variant):
-    """The window search a variant reuses: anchor ablations keep the window chosen with the first anchor."""
-    return variant.split("@")[0]
+# search_of (ffmerge.experiments): the window search a variant reuses, its own method's except for the anchor
+# ablations (the first anchor's window) and tie_random (the permute search's window, never a search of its own).
 
 
 def features_if_merge(wildcards):
-    """Merges read the feature cache; permute merges also the pairs solved by rule align (in-process searches)."""
-    method = search_of(wildcards.get("search", wildcards.get("variant", "")))
-    if method in ("drop", "ffdrop"):
+    """Merges read the feature cache; permute merges also the pairs solved by rule align (in-process searches).
+    Deleting (drop, ffdrop) and tie_random (a fresh block, no alignment, no repair) read neither."""
+    method = wildcards.get("search") or split_variant(wildcards.get("variant", ""))[0]
+    if method not in MERGE_METHODS:
         return {}
     inputs = {"features": f"{R}/features".format(task=wildcards.task)}
     if method == "permute" and config["tasks"][wildcards.task]["search"]["mode"] == "in_process":

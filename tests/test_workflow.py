@@ -40,6 +40,7 @@ from ffmerge.experiments import (
     parse_fraction_label,
     random_starts,
     removed_count,
+    search_of,
     split_variant,
     window_size,
     window_starts,
@@ -158,19 +159,28 @@ def test_only_models_before_finetuning_and_the_controls_are_temporary(snakemake_
         assert not any(f.is_temp for f in snakemake_workflow.get_rule(kept).output), kept
 
 
-def test_exactly_one_finetune_rule_matches_each_planned_model(snakemake_workflow, default_config):
+@pytest.mark.parametrize("extra_methods", [[], ["tie_random"]], ids=["default", "with-tie_random"])
+def test_exactly_one_finetune_rule_matches_each_planned_model(snakemake_workflow, default_config, extra_methods):
     """finetune, finetune_control and finetune_random share one path pattern, told apart by their wildcard
-    constraints: every model the default grid plans must match exactly one, and the chosen merge the kept rule."""
+    constraints: every model the default grid plans (and the grid with the tie_random control added) must match
+    exactly one, and the chosen merge the kept rule."""
     rules = [snakemake_workflow.get_rule(n) for n in ("finetune", "finetune_control", "finetune_random")]
     results = snakemake_workflow.config["results_dir"]
+    planned = set()
     for task, cfg in default_config["tasks"].items():
-        for variant, fraction, choice in compressed_models(cfg["experiments"]):
+        experiments = {**cfg["experiments"], "methods": [*cfg["experiments"]["methods"], *extra_methods]}
+        for variant, fraction, choice in compressed_models(experiments):
+            planned.add(variant)
             target = f"{results}/{task}/eval/{variant}/{fraction}/{choice}/post.json"
             matching = [rule.name for rule in rules if rule.is_producer(target)]
             expected = "finetune" if (variant, choice) == ("permute", "best") else None
             assert len(matching) == 1, (target, matching)
             assert expected is None or matching == [expected], (target, matching)
             assert expected is not None or matching != ["finetune"], (target, matching)
+    assert set(extra_methods) <= planned
+    if extra_methods:  # a control: its fine-tuned model is a temp output (rule finetune_control)
+        target = f"{results}/lm/eval/tie_random/1of3/best/post.json"
+        assert [rule.name for rule in rules if rule.is_producer(target)] == ["finetune_control"]
 
 
 def test_every_rule_that_runs_names_an_existing_conda_env(snakemake_workflow):
@@ -257,7 +267,7 @@ def test_wildcard_constraints_accept_every_planned_model(snakemake_workflow):
     constraints = snakemake_workflow.wildcard_constraints
     grid = {
         "fractions": ["1/3", "1/2", "14/15", "all-but-one"],
-        "methods": ["permute", "vanilla", "drop", "ffdrop"],
+        "methods": ["permute", "vanilla", "drop", "ffdrop", "tie_random"],
         "anchors": ["first", "middle", "last"],
         "random_windows": 12,
     }
@@ -265,7 +275,49 @@ def test_wildcard_constraints_accept_every_planned_model(snakemake_workflow):
         assert re.fullmatch(constraints["variant"], variant), variant
         assert re.fullmatch(constraints["fraction"], fraction), fraction
         assert re.fullmatch(constraints["choice"], choice), choice
+        assert re.fullmatch(constraints["search"], search_of(variant)), variant
     assert not re.fullmatch(constraints["variant"], "base")  # eval/base/... must never match eval/{variant}/...
+    # tie_random has no window search of its own: no selection/tie_random/... and no candidate jobs for it
+    assert not re.fullmatch(constraints["search"], "tie_random")
+    assert not re.fullmatch(constraints["variant"], "tie_random@middle")
+
+
+def test_tie_random_builds_the_permute_window_without_features(snakemake_workflow):
+    """The input functions of rules/common.smk and rules/compress.smk for the tie_random control: the permute
+    search's selection, no feature cache or alignment (nothing is aligned, nothing repaired); Table 9 lists it."""
+    from snakemake.iocontainers import Wildcards
+
+    functions = snakemake_workflow.globals
+    results = snakemake_workflow.config["results_dir"]
+    model = {"task": "lm", "fraction": "1of3", "choice": "best"}
+    assert functions["features_if_merge"](Wildcards(fromdict={**model, "variant": "tie_random"})) == {}
+    for variant in ("permute", "permute@last", "vanilla"):
+        assert "features" in functions["features_if_merge"](Wildcards(fromdict={**model, "variant": variant}))
+    assert functions["features_if_merge"](Wildcards(fromdict={"task": "lm", "search": "permute"}))
+    (selection,) = [f for f in snakemake_workflow.get_rule("compress").input if callable(f)]
+    wildcards = Wildcards(fromdict={**model, "variant": "tie_random"})
+    assert selection(wildcards) == f"{results}/lm/selection/permute/1of3.json"
+    experiments = snakemake_workflow.config["tasks"]["lm"]["experiments"]
+    methods = experiments["methods"]
+    experiments["methods"] = [*methods, "tie_random"]
+    try:
+        inputs = functions["table_inputs"](Wildcards(fromdict={"task": "lm"}))
+    finally:
+        experiments["methods"] = methods
+    for fraction in ("1of3", "1of2", "all-but-one"):
+        for stage in ("pre", "post"):
+            assert f"{results}/lm/eval/tie_random/{fraction}/best/{stage}.json" in inputs[stage]
+    assert not any("tie_random" in path for path in inputs["selections"] + inputs.get("int8", []))
+    assert not any("/random" in path for path in inputs["post"] if "tie_random" in path)  # no random windows
+
+
+def test_the_schema_accepts_tie_random_but_the_default_grid_leaves_it_out(default_config):
+    config = copy.deepcopy(default_config)
+    config["tasks"]["lm"]["experiments"]["methods"] = ["permute", "tie_random"]
+    assert _validated(config)["tasks"]["lm"]["experiments"]["methods"] == ["permute", "tie_random"]
+    assert all("tie_random" not in t["experiments"]["methods"] for t in _validated(default_config)["tasks"].values())
+    del config["tasks"]["lm"]["experiments"]["methods"]
+    assert "tie_random" not in _validated(config)["tasks"]["lm"]["experiments"]["methods"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -631,7 +683,7 @@ def dry_runs(_dry_run_processes):
 def _task_counts(task: dict) -> dict[str, int]:
     exp = task["experiments"]
     models = compressed_models(exp)
-    searches = {split_variant(v)[0] for v, _, _ in models}
+    searches = {search_of(v) for v, _, _ in models}  # anchor ablations and tie_random reuse the permute search
     fractions = exp["fractions"]
     head = fraction_label(fractions[0])
     int8 = [m for m in models if m[1] == head and m[2] == "best" and m[0] in experiments.MERGE_METHODS]
@@ -820,6 +872,55 @@ def test_compressed_models_of_the_default_experiments(default_config):
     anchors = {("permute@middle", "1of3", "best"), ("permute@last", "1of3", "best")}
     randoms = {("permute", "1of3", f"random{i}") for i in range(3)}
     assert set(models) == best | anchors | randoms
+
+
+def test_compressed_models_with_tie_random_reuse_the_permute_search():
+    exp = {"fractions": ["1/3", "1/2"], "methods": ["permute", "tie_random"], "anchors": ["last"], "random_windows": 1}
+    assert compressed_models(exp) == [
+        ("permute", "1of3", "best"),
+        ("tie_random", "1of3", "best"),
+        ("permute", "1of2", "best"),
+        ("tie_random", "1of2", "best"),
+        ("permute@last", "1of3", "best"),
+        ("permute", "1of3", "random0"),
+    ]
+    assert {search_of(v) for v, _, _ in compressed_models(exp)} == {"permute"}
+    assert search_of("tie_random") == search_of("permute@middle") == "permute" and search_of("ffdrop") == "ffdrop"
+    # the merge's window: one layer more than it removes, unlike the deleting methods
+    assert window_size("tie_random", 30, "1/3") == window_size("permute", 30, "1/3") == 11
+    assert windows_at("tie_random", {"encoder": 5, "decoder": 4}, "1/3", 2) == {"encoder": (2, 3), "decoder": (2, 2)}
+    # without permute in methods, tie_random still builds the permute search's window (the search runs alone)
+    exp = {"fractions": ["1/3"], "methods": ["tie_random"], "anchors": ["first", "middle"], "random_windows": 2}
+    assert compressed_models(exp) == [("tie_random", "1of3", "best")]
+
+
+def test_dry_run_plans_tie_random_on_the_permute_search(default_config, tmp_path):
+    """A config with tie_random as its only method: the permute searches run (no tie_random search), every
+    tie_random model is compressed and fine-tuned as a control, and its compress jobs read no feature cache."""
+    config = copy.deepcopy(default_config)
+    config["tasks"] = {"lm": config["tasks"]["lm"]}
+    exp = config["tasks"]["lm"]["experiments"]
+    exp.update(methods=["tie_random"], fractions=["1/3", "1/2"], anchors=["first"], random_windows=0, int8=False)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    results = tmp_path / "results"
+    done = _dry_run(
+        tmp_path / "workdir", "--configfile", str(tmp_path / "config.yaml"), "--config", f"results_dir={results}"
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    output = done.stdout + done.stderr
+    counts = _job_counts(output)
+    expected = _expected_counts(_validated(config))
+    assert counts == expected | {"total": sum(expected.values())}
+    assert counts["select_window"] == 2 and counts["compress"] == 2 and counts["finetune_control"] == 2
+    assert "finetune" not in counts and "candidate" not in counts
+    jobs = output.split("rule ")
+    compress = [job for job in jobs if job.startswith("compress:")]
+    assert len(compress) == 2
+    for job in compress:
+        (inputs,) = [line for line in job.splitlines() if line.strip().startswith("input:")]
+        assert "/selection/permute/" in inputs and "/features" not in inputs and "alignment" not in inputs
+    assert "selection/tie_random" not in output
+    assert not results.exists()
 
 
 def test_compressed_models_without_permute_has_no_ablations():

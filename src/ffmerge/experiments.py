@@ -4,6 +4,7 @@ Vocabulary used in paths and tables:
 - fraction: share of FF sublayers removed, "1/3", "1/2" or "all-but-one"; written "1of3", "1of2" in paths.
 - variant: "permute" or "vanilla" (merge, anchor first), "permute@middle" / "permute@last" (anchor ablation),
   "drop" (remove whole layers), "ffdrop" (delete FF sublayers only, the merge's exact-budget control),
+  "tie_random" (the merge's tied structure with a freshly initialised shared block, :mod:`ffmerge.tie_random`),
   "base" (uncompressed).
 - choice: "best" (sliding-window search on validation) or "randomN" (the paper's random-window control).
 """
@@ -16,6 +17,9 @@ from fractions import Fraction
 ALL_BUT_ONE = "all-but-one"
 MERGE_METHODS = ("permute", "vanilla")
 DELETE_METHODS = ("drop", "ffdrop")
+# controls with no window search of their own: each builds the window another method's search chose (a search
+# would rank windows by scores that mean nothing for them: a random block's score before fine-tuning)
+REUSED_SEARCH = {"tie_random": "permute"}
 
 
 def fraction_label(fraction: str) -> str:
@@ -50,6 +54,13 @@ def split_variant(variant: str) -> tuple[str, str]:
     """ "permute@middle" -> ("permute", "middle"); merges default to the first layer as anchor."""
     method, _, anchor = variant.partition("@")
     return method, anchor or "first"
+
+
+def search_of(variant: str) -> str:
+    """The window search a variant's model is built from: its own method's, except for anchor ablations (the window
+    chosen with the first anchor) and the controls of :data:`REUSED_SEARCH` (the permute search's window)."""
+    method, _ = split_variant(variant)
+    return REUSED_SEARCH.get(method, method)
 
 
 def window_size(method: str, n_layers: int, fraction: str) -> int:

@@ -39,8 +39,6 @@ def permute_ff(adapter: ModelAdapter, model: nn.Module, stack: str, layer: int, 
 @torch.no_grad()
 def merge_window(adapter: ModelAdapter, model: nn.Module, alignment: StackAlignment) -> None:
     """Permute the window's members onto the anchor, average them, and make every member share it."""
-    spec = adapter.stack(alignment.stack)
-    layers = adapter.layers(model, alignment.stack)
     for j, perm in alignment.perms.items():
         permute_ff(adapter, model, alignment.stack, j, perm)
     anchor = adapter.ff_modules(model, alignment.stack, alignment.anchor)
@@ -49,9 +47,24 @@ def merge_window(adapter: ModelAdapter, model: nn.Module, alignment: StackAlignm
         for name, param in module.named_parameters(recurse=False):
             stacked = torch.stack([getattr(m[role], name).float() for m in members])
             param.copy_(stacked.mean(0).to(param.dtype))
-    for j in alignment.layers:
-        for path, module in zip(spec.ff_paths, anchor.values(), strict=True):
-            set_submodule(layers[j], path, module)
+    tie_window(adapter, model, alignment.stack, alignment.anchor, alignment.layers)
+
+
+def tie_window(
+    adapter: ModelAdapter, model: nn.Module, stack: str, anchor: int, layers: Sequence[int]
+) -> dict[str, nn.Module]:
+    """Make every layer of ``layers`` hold the anchor's FF modules (the same objects); returns them by role.
+
+    The other members' FF modules leave the model, so their parameters are gone; whatever the anchor's modules
+    hold (an average, or fresh weights in :mod:`ffmerge.tie_random`) now serves the whole window.
+    """
+    spec = adapter.stack(stack)
+    layer_list = adapter.layers(model, stack)
+    shared = adapter.ff_modules(model, stack, anchor)
+    for j in layers:
+        for path, module in zip(spec.ff_paths, shared.values(), strict=True):
+            set_submodule(layer_list[j], path, module)
+    return shared
 
 
 def apply_plan(model: nn.Module, plan: MergePlan) -> nn.Module:

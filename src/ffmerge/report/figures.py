@@ -11,7 +11,7 @@ random windows, int8 off, ...), whose series or rows are left out instead of fai
 - Figure 2  ``ff_removed_figure``: metric after fine-tuning vs FF sublayers removed, vanilla vs permute (and
   ffdrop, deleting the same FF sublayers, where configured).
 - Figure 3  ``params_removed_figure``: metric after fine-tuning vs % of parameters removed, merging vs dropping
-  layers vs deleting FF sublayers (ffdrop).
+  layers vs deleting FF sublayers (ffdrop), and tie + random init (tie_random) where configured.
 - Figure 5/6 ``cka_figure``: linear-CKA heatmap of FF outputs / attention outputs across layers.
 - Figure 10 ``window_scores_figure``: validation metric of every window start before fine-tuning, chosen marked.
 - ``recovery_curves_figure``: validation metric during recovery fine-tuning vs examples seen, per variant.
@@ -54,16 +54,31 @@ METRICS: dict[str, tuple[str, bool]] = {
     "wer": ("word error rate (%)", False),
 }
 ANCHORS = ("first", "middle", "last")
-# every method of experiments.methods, in the order figures list them; each its own colour (room for all four)
+# every method of experiments.methods with a window search of its own, in the order figures list them
 SEARCH_ORDER = ("permute", "vanilla", "drop", "ffdrop")
-PALETTE = dict(zip(SEARCH_ORDER, sns.color_palette("colorblind", len(SEARCH_ORDER)), strict=True))
+# controls built on another method's window (experiments.REUSED_SEARCH), listed after the searches; they are not in
+# the default grid, so a figure draws them where present and says nothing where absent
+CONTROL_ORDER = ("tie_random",)
+METHOD_ORDER = SEARCH_ORDER + CONTROL_ORDER
+# each method its own colour (room for all five)
+PALETTE = dict(zip(METHOD_ORDER, sns.color_palette("colorblind", len(METHOD_ORDER)), strict=True))
 # legend text where the method's name alone does not say what it removes
-SHORT_LABELS = {"ffdrop": "delete FF"}
+SHORT_LABELS = {"ffdrop": "delete FF", "tie_random": "tie + random init"}
 LONG_LABELS = {
     "permute": "merge (permute)",
     "vanilla": "merge (vanilla)",
     "drop": "drop layers",
     "ffdrop": "delete FF sublayers",
+    "tie_random": "tie + random init",
+}
+# what a variant name in Table 9 means, where the name alone does not say it (a note under the table)
+VARIANT_NOTES = {
+    "tie_random": (
+        "tie_random = tie + random init: the permute merge's chosen window, tied like the merge (the same parameters "
+        "removed), its shared FF block freshly initialised as the model family initialises it (task seed), no "
+        "repair; then the same recovery fine-tuning. It tells how much of the merge's result comes from the merged "
+        "weights"
+    ),
 }
 ANCHOR_STYLES = {"first": "-", "middle": ":", "last": "-."}
 STYLE = "whitegrid"
@@ -267,10 +282,12 @@ def params_removed_figure(
     task; every line starts at the base model (0 %).
 
     Dropping whole layers removes attention too, so it reaches a fraction with more parameters gone than the
-    merge; ffdrop removes the merge's FF sublayers and nothing else, the same parameter budget."""
+    merge; ffdrop removes the merge's FF sublayers and nothing else, the same parameter budget. Where the config
+    ran it, tie + random init (tie_random: the merge's window and ties, a freshly initialised shared block) is drawn
+    too, at the merge's parameter reduction; it is not in the default grid, so its absence is not noted."""
     fig, axes = _panels(len(results))
     notes: Notes = []
-    series = {method: LONG_LABELS[method] for method in ("permute", "drop", "ffdrop")}
+    series = {method: LONG_LABELS[method] for method in ("permute", "drop", "ffdrop", *CONTROL_ORDER)}
     for ax, (task, frame) in zip(axes, results.items(), strict=False):
         base = _base_row(frame)
         if base is None:
@@ -279,7 +296,8 @@ def params_removed_figure(
         for variant, label in series.items():
             rows = _best_rows(frame, variant).sort_values("param_reduction_%", kind="stable")
             if rows.empty:
-                notes.append(f"{task}: no {variant} results (not in experiments.methods?); its line is left out")
+                if variant not in CONTROL_ORDER:
+                    notes.append(f"{task}: no {variant} results (not in experiments.methods?); its line is left out")
                 continue
             x = [float(v) for v in rows["param_reduction_%"]]
             y = [float(v) for v in rows["test"]]
@@ -306,7 +324,7 @@ def window_scores_figure(
 ) -> tuple[Figure, Notes]:
     """Figure 10: validation metric before fine-tuning of every window start at the task's first fraction, one
     line per search (permute, vanilla, drop, ffdrop), the chosen (best) start marked with a star; one panel per
-    task."""
+    task. Controls without a search of their own (tie_random: the permute window) have no line."""
     fig, axes = _panels(len(scores))
     notes: Notes = []
     for ax, (task, frame) in zip(axes, scores.items(), strict=False):
@@ -375,12 +393,12 @@ def window_scores_figure(
 
 
 def _curve_order(variants: Iterable[str]) -> list[str]:
-    """Methods in :data:`SEARCH_ORDER`, each followed by its anchor ablations, then anything else by name."""
+    """Methods in :data:`METHOD_ORDER`, each followed by its anchor ablations, then anything else by name."""
     present = set(variants)
 
     def key(variant: str) -> tuple[int, int, str]:
         method, anchor = split_variant(variant)
-        rank = SEARCH_ORDER.index(method) if method in SEARCH_ORDER else len(SEARCH_ORDER)
+        rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
         return rank, ANCHORS.index(anchor) if anchor in ANCHORS else len(ANCHORS), variant
 
     return sorted(present, key=key)
@@ -631,16 +649,20 @@ def anchors_table(
 
 
 def combined_table(frames: Mapping[str, pd.DataFrame], what: str) -> tuple[pd.DataFrame, Notes]:
-    """Per-task tables (Table 9, the int8 Table 4) stacked, with the task as the first column."""
+    """Per-task tables (Table 9, the int8 Table 4) stacked, with the task as the first column; variants whose
+    name does not say what they are (:data:`VARIANT_NOTES`) are explained in a note where present."""
     notes: Notes = []
     parts = []
     columns: list[str] = []
+    present: set[str] = set()
     for task, frame in frames.items():
         columns = columns or list(frame.columns)
         if frame.empty:
             notes.append(f"{task}: no {what} rows (experiment off in the config); left out")
             continue
         parts.append(frame.assign(task=task)[["task", *frame.columns]])
+        present |= set(frame["variant"]) if "variant" in frame else set()
+    notes += [text for variant, text in VARIANT_NOTES.items() if variant in present]
     if not parts:
         return pd.DataFrame(columns=["task", *columns]), notes
     return pd.concat(parts, ignore_index=True), notes

@@ -37,6 +37,7 @@ from ..merge import apply_plan
 from ..repair import RepairConfig, merge_and_repair
 from ..size import size_report
 from ..tasks import get_task
+from ..tie_random import tie_random
 from .atomic import write_json
 
 log = logging.getLogger("ffmerge")
@@ -106,6 +107,7 @@ def compress(
     solved: SolvedPairs | None = None,
     repair: RepairConfig | None = None,
     calibration: Callable[[], Iterable[dict]] | None = None,
+    seed: int = 0,
 ) -> dict:
     """Apply one variant in place; returns the windows and, for merges, the plan (to rebuild it exactly).
 
@@ -113,6 +115,7 @@ def compress(
     pairs already aligned (the align step), so only pairs missing from it are solved here. An enabled
     ``repair`` refits each merged block to its members' original outputs (:mod:`ffmerge.repair`);
     ``calibration`` yields the calibration batches when the repair takes its inputs from the merged model.
+    ``seed`` draws tie_random's fresh block; tie_random is never repaired (see :mod:`ffmerge.tie_random`).
     """
     method, anchor = split_variant(variant)
     windows = windows_at(method, stack_layers(model), fraction, start)
@@ -122,6 +125,9 @@ def compress(
     if method == "ffdrop":
         delete_ff(model, ffdrop_layers(windows))
         return {"windows": windows, "plan": None}
+    if method == "tie_random":
+        tie_random(model, windows, seed)
+        return {"windows": windows, "plan": None, "repair": None}
     if plan is not None:
         merge_plan = MergePlan.from_dict(plan)
     elif features is None:
@@ -360,6 +366,7 @@ def build_compressed(
         solved=_solved(alignments, features),
         repair=repair,
         calibration=calibration,
+        seed=cfg["seed"],
     )
     extra = {
         "variant": variant,
