@@ -40,6 +40,13 @@ def task_cfg(*keys):
     return params
 
 
+def align_cfg(wildcards):
+    """Rule align's params: only the fractions decide which pairs it solves, so adding a method, an anchor or random
+    windows to `experiments` leaves its output, and every search and model built on it, as it is."""
+    cfg = config["tasks"][wildcards.task]
+    return {"type": cfg["type"], "seed": cfg["seed"], "experiments": {"fractions": cfg["experiments"]["fractions"]}}
+
+
 # Tasks whose baseline classifier is a linear head fitted on a bare backbone (config key `probe`): their source
 # model is prepared as model/backbone and rule fit_head writes model/base. The regex matches no name when none.
 PROBE_TASKS = "|".join(t for t, c in config["tasks"].items() if "probe" in c) or "(?!)"

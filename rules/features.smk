@@ -29,7 +29,7 @@ rule align:
     output:
         f"{R}/alignment/permute.safetensors",
     params:
-        cfg=task_cfg("experiments"),
+        cfg=align_cfg,  # the fractions only (rules/common.smk)
     log:
         f"{LOGS}/align.log",
     benchmark:

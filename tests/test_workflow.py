@@ -320,6 +320,46 @@ def test_the_schema_accepts_tie_random_but_the_default_grid_leaves_it_out(defaul
     assert "tie_random" not in _validated(config)["tasks"]["lm"]["experiments"]["methods"]
 
 
+def _params_of_every_rule(workflow) -> dict[str, dict]:
+    """Every rule's params as Snakemake records them for a job of task lm (functions called on wildcards)."""
+    from snakemake.iocontainers import Wildcards
+
+    wildcards = Wildcards(
+        fromdict={
+            **{"task": "lm", "search": "permute", "variant": "permute", "fraction": "1of3", "choice": "best"},
+            **{"start": "0", "prepared": "base", "kind": "ff_out"},
+        }
+    )
+    values = {}
+    for rule in workflow.rules:
+        # copied: a params function may return the config's own dicts, which the caller edits next
+        values[rule.name] = copy.deepcopy({n: v(wildcards) if callable(v) else v for n, v in rule.params.items()})
+    return values
+
+
+def test_adding_a_method_anchor_or_random_window_changes_no_existing_jobs_params(snakemake_workflow):
+    """Snakemake reruns a job whose params changed, and everything downstream of it. Adding a control to
+    `experiments` (here tie_random, an anchor and a random window) must only add jobs: before rule align took the
+    fractions alone, it took the whole block, so adding tie_random reran align and with it all 92 searches, models
+    and fine-tunes of a finished default run. Changing the fractions does change align's (it solves other pairs)."""
+    experiments = snakemake_workflow.config["tasks"]["lm"]["experiments"]
+    saved = copy.deepcopy(experiments)
+    try:
+        before = _params_of_every_rule(snakemake_workflow)
+        experiments["methods"] = [*experiments["methods"], "tie_random"]
+        experiments["anchors"] = ["first", "last"]
+        experiments["random_windows"] += 1
+        changed = {r for r, v in _params_of_every_rule(snakemake_workflow).items() if v != before[r]}
+        # the cross-task comparison table takes whole task configs; its inputs (every model's row) change anyway
+        assert changed <= {"table_paper_comparison"}
+        experiments["fractions"] = ["1/3"]
+        changed = {r for r, v in _params_of_every_rule(snakemake_workflow).items() if v != before[r]}
+        assert changed - {"table_paper_comparison"} == {"align"}
+    finally:
+        experiments.clear()
+        experiments.update(saved)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Config validation at start-up
 # --------------------------------------------------------------------------------------------------------------
