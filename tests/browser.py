@@ -33,11 +33,11 @@ import contextlib
 import os
 import platform
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from debian import apt_install
 from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
@@ -117,21 +117,7 @@ def ensure_chromium(log=print) -> tuple[str, str]:
         if blocker:
             missing = " and ".join(_missing())
             raise BrowserUnavailable(f"{missing} not installed, and this machine cannot install them: {blocker}")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        install = ["apt-get", "install", "-y", "--no-install-recommends", *APT_PACKAGES]
-        first = subprocess.run(install, capture_output=True, text=True, env=env)
-        log(f"apt-get install {' '.join(APT_PACKAGES)}: rc {first.returncode}")
-        if first.returncode != 0:
-            update = subprocess.run(["apt-get", "update"], capture_output=True, text=True, env=env)
-            log(f"apt-get update: rc {update.returncode}")
-            second = subprocess.run(install, capture_output=True, text=True, env=env)
-            if second.returncode != 0:
-                raise BrowserSetupError(
-                    f"apt-get install {' '.join(APT_PACKAGES)} failed, also after apt-get update:\n"
-                    + first.stderr[-2000:]
-                    + update.stderr[-2000:]
-                    + second.stderr[-2000:]
-                )
+        apt_install(APT_PACKAGES, log, BrowserSetupError)
         if _missing():
             raise BrowserSetupError(f"after installing {' '.join(APT_PACKAGES)}, still missing: {_missing()}")
     return shutil.which("chromium"), shutil.which("chromedriver")

@@ -31,6 +31,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from debian import apt_install
+
 REQUIRED_COMMANDS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "scontrol", "srun")
 APT_PACKAGES = ("slurm-wlm", "munge")
 SYSTEM_CONF = Path("/etc/slurm/slurm.conf")
@@ -74,21 +76,7 @@ def ensure_installed(log) -> None:
     """Install slurm-wlm and munge from Debian if any command is missing; apt-get update only if needed."""
     if all(shutil.which(c) for c in REQUIRED_COMMANDS):
         return
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "--no-install-recommends", *APT_PACKAGES]
-    first = subprocess.run(install, capture_output=True, text=True, env=env)
-    log(f"apt-get install: rc {first.returncode}")
-    if first.returncode != 0:
-        update = subprocess.run(["apt-get", "update"], capture_output=True, text=True, env=env)
-        log(f"apt-get update: rc {update.returncode}")
-        second = subprocess.run(install, capture_output=True, text=True, env=env)
-        if second.returncode != 0:
-            raise SlurmSetupError(
-                "apt-get install slurm-wlm munge failed, also after apt-get update:\n"
-                + first.stderr[-2000:]
-                + update.stderr[-2000:]
-                + second.stderr[-2000:]
-            )
+    apt_install(APT_PACKAGES, log, SlurmSetupError)
     missing = [c for c in REQUIRED_COMMANDS if shutil.which(c) is None]
     if missing:
         raise SlurmSetupError(f"after installing {' '.join(APT_PACKAGES)} these commands are still missing: {missing}")
