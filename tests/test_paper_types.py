@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -262,8 +264,9 @@ def paper_config(root: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def paper_run(tmp_path_factory) -> tuple[Path, dict, str]:
+def paper_run(tmp_path_factory, request) -> Iterator[tuple[Path, dict, str]]:
     root = tmp_path_factory.mktemp("paper")
+    failed_before = request.session.testsfailed
     config = paper_config(root)
     configfile = root / "config.yaml"
     configfile.write_text(yaml.safe_dump(config, allow_unicode=True))
@@ -275,7 +278,10 @@ def paper_run(tmp_path_factory) -> tuple[Path, dict, str]:
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-6000:]
     print(f"paper-type run: {time.perf_counter() - started:.0f} s")
-    return Path(config["results_dir"]), config, output
+    yield Path(config["results_dir"]), config, output
+    # pytest's "failed" retention removes a module fixture's folder only under its own basetemp, not --basetemp
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(root)
 
 
 def _environ() -> dict:
@@ -299,12 +305,20 @@ def test_every_paper_task_has_its_table_with_every_method(paper_run):
         table = _table9(results, task)
         variants = set(zip(table["variant"], table["fraction"].astype(str), strict=True))
         assert {("base", "0"), ("permute", "1/3"), ("drop", "1/3")} <= variants, (task, variants)
-        assert table["test"].map(math.isfinite).all(), table
+        assert table[["test_before_ft", "test"]].map(math.isfinite).all().all(), table
         # the per-window search ran: one candidate file per window start of each search
         for method, starts in (("permute", LAYERS - 2), ("drop", LAYERS - 1)):
             candidates = list((results / task / "candidates" / method / "1of3").glob("start*.json"))
             assert len(candidates) == starts, (task, method, candidates)
         assert (results / task / "int8" / "permute" / "1of3" / "best.json").is_file()
+        assert (results / task / "int8" / "base.json").is_file()
+        int8 = pd.read_csv(results / task / "tables" / "int8.csv")
+        assert set(zip(int8["variant"], int8["int8"], strict=True)) == {
+            (v, q) for v in ("base", "permute") for q in (False, True)
+        }, (task, int8)
+        assert int8["test"].map(math.isfinite).all(), int8
+        ratios = int8.pivot(index="variant", columns="int8", values="ratio")
+        assert (ratios[True] < ratios[False]).all(), (task, ratios)  # int8 linears: smaller files
         assert (results / task / "cka" / "ff_out.csv").is_file()
 
 
@@ -349,3 +363,6 @@ def test_marian_bleu_carries_its_signature_into_results_and_tables(paper_run):
     assert table["metric_signature"].str.contains("tok:").all()
     merged = _eval(results, task, "permute", "1of3", "best", "pre.json")
     assert set(merged["windows"]) == {"encoder", "decoder"}  # each stack merged on its own
+    base = _eval(results, task, "base", "pre.json")["size"]["parameters"]
+    per_ff = 32 * 64 + 64 + 64 * 32 + 32  # fc1 and fc2 with biases
+    assert merged["size"]["ff_blocks_removed"] == 4 and merged["size"]["parameters"] == base - 4 * per_ff
