@@ -65,13 +65,13 @@ def source_model_dir(task):
 
 
 def features_if_merge(wildcards):
-    """Merges read the feature cache; permute merges also the pairs solved by rule align (in-process searches).
-    Deleting (drop, ffdrop) and tie_random (a fresh block, no alignment, no repair) read neither."""
+    """Merges read the feature cache; permute merges also the pairs solved by rule align (in-process and proxy
+    searches). Deleting (drop, ffdrop) and tie_random (a fresh block, no alignment, no repair) read neither."""
     method = wildcards.get("search") or split_variant(wildcards.get("variant", ""))[0]
     if method not in MERGE_METHODS:
         return {}
     inputs = {"features": f"{R}/features".format(task=wildcards.task)}
-    if method == "permute" and config["tasks"][wildcards.task]["search"]["mode"] == "in_process":
+    if method == "permute" and config["tasks"][wildcards.task]["search"]["mode"] != "per_window":
         inputs["alignment"] = f"{R}/alignment/permute.safetensors".format(task=wildcards.task)
     return inputs
 
@@ -97,10 +97,23 @@ def candidate_files(wildcards):
 
 
 def selection_inputs(wildcards):
-    if config["tasks"][wildcards.task]["search"]["mode"] == "per_window":
+    mode = config["tasks"][wildcards.task]["search"]["mode"]
+    if mode == "per_window":
         return {"candidates": candidate_files(wildcards)}
     paths = {"model": f"{R}/model/base", "data": f"{R}/data", **features_if_merge(wildcards)}
+    if mode == "proxy":  # every method's proxy comes from the feature cache (deletions: FF and attention outputs)
+        paths["features"] = f"{R}/features"
     return {key: path.format(task=wildcards.task) for key, path in paths.items()}
+
+
+def search_cfg(wildcards):
+    """Rule select_window's params: the selection block and the search keys its mode reads, so that a key only
+    another mode reads leaves a finished search as it is (proxy_keep, added to the schema after runs of the other
+    modes existed, would otherwise rerun every search of them and everything built on it)."""
+    params = task_cfg("selection", "search")(wildcards)
+    search = params["search"]
+    unused = ("screen_share", "screen_keep") if search["mode"] == "proxy" else ("proxy_keep",)
+    return {**params, "search": {key: value for key, value in search.items() if key not in unused}}
 
 
 # ---- per-task tables (rules/tables.smk) ----

@@ -1,5 +1,6 @@
 # Sliding-window search. search.mode per_window: one job per (method, fraction, window start), then the best
-# window; in_process: select_window itself scores every start, reusing the base model's hidden states.
+# window; in_process: select_window itself scores every start, reusing the base model's hidden states; proxy: it
+# ranks every start from the feature cache and scores only the search.proxy_keep best that way.
 
 
 rule candidate:
@@ -31,7 +32,7 @@ rule select_window:
     output:
         f"{R}/selection/{{search}}/{{fraction}}.json",
     params:
-        cfg=task_cfg("selection", "search"),
+        cfg=search_cfg,  # the search keys of its mode only (rules/common.smk)
         device=DEVICE,
     log:
         f"{LOGS}/select_window/{{search}}/{{fraction}}.log",

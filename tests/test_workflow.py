@@ -732,8 +732,8 @@ def _task_counts(task: dict) -> dict[str, int]:
         "prepare_data": 1,
         "fit_head": 1 if "probe" in task else 0,
         "cache_features": 1,
-        # in-process permute searches share one job that solves every (anchor, layer) pair once
-        "align": 1 if "permute" in searches and task["search"]["mode"] == "in_process" else 0,
+        # in-process and proxy permute searches share one job that solves every (anchor, layer) pair once
+        "align": 1 if "permute" in searches and task["search"]["mode"] != "per_window" else 0,
         "select_window": len(searches) * len(fractions),
         "compress": len(models),
         # each also writes its model's test metric (eval/.../post.json); the chosen merges are kept, the controls
@@ -961,6 +961,61 @@ def test_dry_run_plans_tie_random_on_the_permute_search(default_config, tmp_path
         assert "/selection/permute/" in inputs and "/features" not in inputs and "alignment" not in inputs
     assert "selection/tie_random" not in output
     assert not results.exists()
+
+
+def test_dry_run_plans_a_proxy_search_per_method_and_fraction(default_config, tmp_path):
+    """search.mode proxy is a variant of in_process: one select_window job per method and fraction, each reading
+    the base model, the data and the feature cache (every method: deletions rank by cached outputs too), permute
+    also the alignments of rule align; no per-window candidate jobs."""
+    config = copy.deepcopy(default_config)
+    config["tasks"] = {"lm": config["tasks"]["lm"]}
+    config["tasks"]["lm"]["search"] = {"mode": "proxy"}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    results = tmp_path / "results"
+    done = _dry_run(
+        tmp_path / "workdir", "--configfile", str(tmp_path / "config.yaml"), "--config", f"results_dir={results}"
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    output = done.stdout + done.stderr
+    counts = _job_counts(output)
+    expected = _expected_counts(_validated(config))
+    assert counts == expected | {"total": sum(expected.values())}
+    assert counts["select_window"] == 12 and counts["align"] == 1 and "candidate" not in counts
+    searches = [job for job in output.split("rule ") if job.startswith("select_window:")]
+    assert len(searches) == 12
+    for job in searches:
+        (inputs,) = [line for line in job.splitlines() if line.strip().startswith("input:")]
+        (out,) = [line for line in job.splitlines() if line.strip().startswith("output:")]
+        assert f"{results}/lm/features" in inputs and f"{results}/lm/model/base" in inputs, job
+        assert ("alignment/permute.safetensors" in inputs) == ("/selection/permute/" in out), job
+    assert not results.exists()
+
+
+def test_select_window_params_hold_only_the_search_keys_of_its_mode(snakemake_workflow):
+    """A key only another mode reads (proxy_keep for in_process and per_window, screening for proxy) is not a
+    param: the schema's new proxy_keep default must not rerun the searches of a finished run."""
+    from snakemake.iocontainers import Wildcards
+
+    wildcards = Wildcards(fromdict={"task": "lm", "search": "permute", "fraction": "1of3"})
+    (cfg,) = [v for n, v in snakemake_workflow.get_rule("select_window").params.items() if n == "cfg"]
+    search = snakemake_workflow.config["tasks"]["lm"]["search"]
+    saved = copy.deepcopy(search)
+    try:
+        assert search["mode"] == "in_process" and "proxy_keep" in search  # filled in by the schema
+        assert cfg(wildcards)["search"] == {k: v for k, v in search.items() if k != "proxy_keep"}
+        assert set(cfg(wildcards)) == {"type", "seed", "selection", "search"}
+        search["mode"] = "proxy"
+        assert cfg(wildcards)["search"] == {
+            "mode": "proxy",
+            "reuse_states": True,
+            "max_tapes": 0,
+            "proxy_keep": search["proxy_keep"],
+        }
+        search["mode"] = "per_window"
+        assert "proxy_keep" not in cfg(wildcards)["search"] and "screen_share" in cfg(wildcards)["search"]
+    finally:
+        search.clear()
+        search.update(saved)
 
 
 def test_compressed_models_without_permute_has_no_ablations():

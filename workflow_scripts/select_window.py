@@ -1,6 +1,7 @@
 """Snakemake script: the best window of a search, with every window's validation score.
 
-per_window mode: pick among the candidate jobs' scores; in_process mode: score every window here.
+per_window mode: pick among the candidate jobs' scores; in_process mode: score every window here; proxy mode:
+rank every window from the feature cache here and score the best few.
 """
 
 from ffmerge.workflow.forkserver import delegate

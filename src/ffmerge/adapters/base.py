@@ -51,6 +51,9 @@ class StackSpec:
     ff_scale: str | None = None
     """A per-channel scale applied to the FF output only (DINOv2's LayerScale): foldable into the output
     projection."""
+    attn_scale: str | None = None
+    """A per-channel scale applied to the attention output only (DINOv2's LayerScale): with ``ff_scale``, what
+    the sublayers add to the residual stream (the proxy window search, :mod:`ffmerge.proxy`)."""
 
     @property
     def roles(self) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ class Dinov2Adapter(ModelAdapter):
             num_layers_key="num_hidden_layers",
             ff_norm="norm2",
             ff_scale="layer_scale2",
+            attn_scale="layer_scale1",
         ),
     )
 

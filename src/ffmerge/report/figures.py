@@ -324,7 +324,8 @@ def window_scores_figure(
 ) -> tuple[Figure, Notes]:
     """Figure 10: validation metric before fine-tuning of every window start at the task's first fraction, one
     line per search (permute, vanilla, drop, ffdrop), the chosen (best) start marked with a star; one panel per
-    task. Controls without a search of their own (tie_random: the permute window) have no line."""
+    task. Controls without a search of their own (tie_random: the permute window) have no line. A proxy search
+    (``search.mode: proxy``) scored only its kept windows on validation: only those are drawn, with a note."""
     fig, axes = _panels(len(scores))
     notes: Notes = []
     for ax, (task, frame) in zip(axes, scores.items(), strict=False):
@@ -339,7 +340,13 @@ def window_scores_figure(
             rows = at[at["variant"] == search].sort_values("start")
             color = PALETTE.get(search)
             share = rows["share"] if "share" in rows else pd.Series(1.0, index=rows.index)
-            full, screened = rows[share >= 1.0], rows[share < 1.0]
+            full, screened, unscored = rows[share >= 1.0], rows[(share > 0) & (share < 1.0)], rows[share <= 0]
+            if not unscored.empty:  # a proxy search's windows that only its proxy ranked: no validation score
+                notes.append(
+                    f"{task}: {len(unscored)} of {len(rows)} {search} windows were ranked by the proxy search's "
+                    "feature-cache score only, never scored on validation; not drawn"
+                )
+            rows = rows[share > 0]
             ax.plot(
                 full["start"].tolist(),
                 full["valid"].astype(float).tolist(),
@@ -605,7 +612,8 @@ def windows_table(
                     "start": None,
                     "layers": "",
                     "metric": best["metric"].iloc[0],
-                    "valid_before_ft": chunk["valid_before_ft"].mean(),
+                    # NaN when a random window has no validation score (a proxy search never scored it)
+                    "valid_before_ft": chunk["valid_before_ft"].mean(skipna=False),
                     "test_before_ft": chunk["test_before_ft"].mean(),
                     "test": chunk["test"].mean(),
                 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -183,20 +184,24 @@ def int8_table(base: dict, rows: list[dict]) -> pd.DataFrame:
 
 
 def window_scores(selections: list[dict]) -> pd.DataFrame:
-    """Every candidate's validation score before fine-tuning (the paper's Figure 10 data)."""
+    """Every candidate's validation score before fine-tuning (the paper's Figure 10 data).
+
+    A proxy search's windows that only the proxy ranked have no validation score: NaN, share 0.
+    """
     rows = [
         {
             "variant": s["variant"],
             "fraction": s["fraction"],
             "start": int(start),
             "metric": s["metric"],
-            "valid": score,
+            "valid": s["scores"].get(start, math.nan),
             "selected": int(start) == s["best_start"],
-            # share of the validation data scored: < 1 for windows dropped by the search's screening
-            "share": s.get("screened", {}).get(start, 1.0),
+            # share of the validation data scored: < 1 for windows dropped by the search's screening, 0 for those
+            # a proxy search ranked below its proxy_keep
+            "share": s.get("screened", {}).get(start, 1.0) if start in s["scores"] else 0.0,
         }
         for s in selections
-        for start, score in s["scores"].items()
+        for start in s.get("proxy_scores") or s["scores"]
     ]
     return pd.DataFrame.from_records(rows).sort_values(["variant", "fraction", "start"])
 

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -208,7 +209,7 @@ def candidate(
 def select(candidate_jsons: Iterable[Path], cfg: dict, out_json: Path) -> dict:
     """The best of the per-window candidate jobs (``search.mode: per_window``)."""
     rows = [read_json(p) for p in candidate_jsons]
-    return _write_selection(rows, get_task(cfg), out_json)
+    return _write_selection(rows, get_task(cfg), out_json, record={"mode": "per_window"})
 
 
 def search(
@@ -224,33 +225,98 @@ def search(
     alignments: Path | None = None,
 ) -> dict:
     """Every window start in one job (``search.mode: in_process``), reusing the base model's hidden
-    states and, if configured, finishing only the candidates that lead on a first share of the data."""
-    from ..search import search_windows
-
+    states and, if configured, finishing only the candidates that lead on a first share of the data; or
+    (``proxy``) only the ``proxy_keep`` starts that a score from the feature cache ranks best (:mod:`ffmerge.proxy`)."""
     task = get_task(cfg)
     dev = resolve_device(device)
     base = load_model(model_dir, auto_class=task.auto_class, device=dev)
-    fraction = parse_fraction_label(fraction_label)
+    features = FeatureStore.open(features_dir) if features_dir else None
+    scorer, reuse = selection_scorer(task, Path(data_dir), dev, cfg["search"])
+    rows, record = search_model(
+        task,
+        base,
+        scorer,
+        features,
+        variant,
+        parse_fraction_label(fraction_label),
+        cfg["search"],
+        reuse=reuse,
+        solved=_solved(alignments, features),
+    )
+    return _write_selection(rows, task, out_json, _metric_details(task), record)
+
+
+def selection_scorer(task: Any, data_dir: Path, device: torch.device, search_cfg: dict) -> tuple[Any, bool]:
+    """The validation scorer of a search and whether hidden states below a window can be replayed."""
+    scorer = task.scorer(data_dir, "valid", "selection", device)
+    if scorer is None:  # a metric that cannot be split (corpus BLEU, WER): one full pass per candidate
+        return _WholeScorer(task, data_dir, device), False
+    return scorer, search_cfg["reuse_states"]
+
+
+def search_model(
+    task: Any,
+    base: nn.Module,
+    scorer: Any,
+    features: FeatureStore | None,
+    variant: str,
+    fraction: str,
+    search_cfg: dict,
+    *,
+    reuse: bool = True,
+    solved: SolvedPairs | None = None,
+    log_fn: Callable[[str], Any] = log.info,
+) -> tuple[list[dict], dict]:
+    """The search of :func:`search` on a loaded model: the scored rows and what the record adds to them.
+
+    ``proxy`` mode scores every start with :func:`ffmerge.proxy.proxy_scores`, then runs the in-process search
+    (no screening) on the ``proxy_keep`` best only; the record keeps every start's proxy score, the starts
+    evaluated and how the proxy ranked them (``proxy``: what it measures, tokens, keep, seconds).
+    """
+    from ..search import search_windows
+
     method, _ = split_variant(variant)
     starts = window_starts(method, stack_layers(base), fraction)
-    features = FeatureStore.open(features_dir) if features_dir else None
-    solved = _solved(alignments, features)
-    scorer = task.scorer(Path(data_dir), "valid", "selection", dev)
-    sel = cfg["search"]
-    reuse = sel["reuse_states"] and scorer is not None
-    if scorer is None:  # a metric that cannot be split (corpus BLEU, WER): one full pass per candidate
-        scorer = _WholeScorer(task, Path(data_dir), dev)
+    mode = search_cfg["mode"]
+    record: dict[str, Any] = {"mode": mode}
+
+    def build(model: nn.Module, start: int, plan: dict | None) -> dict:
+        return compress(model, variant, fraction, start, features, plan, solved)
+
+    screen_share, screen_keep = (1.0, 1) if mode == "proxy" else (search_cfg["screen_share"], search_cfg["screen_keep"])
+    if mode == "proxy":
+        from .. import proxy
+
+        if features is None:
+            raise ValueError("search.mode proxy ranks windows from the feature cache: give it the features folder")
+        started = time.perf_counter()
+        scores = proxy.proxy_scores(base, features, method, fraction, starts, build)
+        seconds = time.perf_counter() - started
+        kept = sorted(proxy.rank(scores)[: search_cfg["proxy_keep"]])
+        log_fn(f"proxy scores of {len(starts)} starts in {seconds:.1f} s; evaluating starts {kept}")
+        record |= {
+            # how the proxy ranked (seconds: run history, like the repair's, not a result)
+            "proxy": {
+                "score": proxy.describe(method),
+                "tokens": proxy.PROXY_TOKENS,
+                "keep": search_cfg["proxy_keep"],
+                "seconds": round(seconds, 2),
+            },
+            "proxy_scores": {str(s): scores[s] for s in starts},
+            "evaluated": kept,
+        }
+        starts = kept
     results = search_windows(
         base,
         scorer,
-        lambda model, start, plan: compress(model, variant, fraction, start, features, plan, solved),
+        build,
         starts,
         higher_is_better=task.higher_is_better,
         reuse=reuse,
-        screen_share=sel["screen_share"],
-        screen_keep=sel["screen_keep"],
-        max_tapes=sel["max_tapes"],
-        log=log.info,
+        screen_share=screen_share,
+        screen_keep=screen_keep,
+        max_tapes=search_cfg["max_tapes"],
+        log=log_fn,
     )
     rows = [
         {
@@ -264,7 +330,7 @@ def search(
         }
         for r in results
     ]
-    return _write_selection(rows, task, out_json, _metric_details(task))
+    return rows, record
 
 
 class _WholeScorer:
@@ -283,10 +349,14 @@ class _WholeScorer:
         return sums["metric"]
 
 
-def _write_selection(rows: list[dict], task: Any, out_json: Path, details: dict | None = None) -> dict:
+def _write_selection(
+    rows: list[dict], task: Any, out_json: Path, details: dict | None = None, record: dict | None = None
+) -> dict:
     """Keep the best fully scored window; ties go to the earliest start so the choice is deterministic.
 
-    Windows scored only on a screening share (``share`` < 1) are reported but never chosen.
+    Windows scored only on a screening share (``share`` < 1) are reported but never chosen. ``scores`` holds
+    validation scores only: a proxy search's other starts are in ``proxy_scores`` (``record``: the search mode
+    and, for ``proxy``, its proxy scores and evaluated starts).
     """
     rows = sorted(rows, key=lambda r: r["start"])
     full = [r for r in rows if r.get("share", 1.0) >= 1.0]
@@ -308,11 +378,17 @@ def _write_selection(rows: list[dict], task: Any, out_json: Path, details: dict 
         "best_valid": best["valid"],
         "scores": {str(r["start"]): r["valid"] for r in rows},
         "screened": {str(r["start"]): r["share"] for r in rows if r.get("share", 1.0) < 1.0},
+        **(record or {}),
         # the candidates' metric details (per-window jobs: the best one's), e.g. the sacrebleu signature
         **(details if details is not None else {k: best[k] for k in METRIC_DETAIL_KEYS if k in best}),
     }
     write_json(out_json, result)
     return result
+
+
+def window_starts_of(selection: dict) -> list[int]:
+    """Every start the search ranked: a proxy search scores only some of them on validation."""
+    return sorted(int(s) for s in selection.get("proxy_scores") or selection["scores"])
 
 
 def choose_start(selection: dict, choice: str, seed: int) -> int:
@@ -321,7 +397,7 @@ def choose_start(selection: dict, choice: str, seed: int) -> int:
     if not choice.startswith("random"):
         raise ValueError(f"choice must be 'best' or 'randomN', got {choice!r}")
     index = int(choice.removeprefix("random"))
-    starts = sorted(int(s) for s in selection["scores"])
+    starts = window_starts_of(selection)
     picks = random_starts(starts, selection["best_start"], index + 1, seed)
     if index >= len(picks):
         raise ValueError(
