@@ -25,10 +25,10 @@ from ffmerge.workflow.snakemake_fixes import coalesce_reevaluation_timers
 
 coalesce_reevaluation_timers()
 
+from ffmerge.workflow.preflight import check_renamed_keys, check_results_dir, preflight
+
+check_renamed_keys(config)  # keys of earlier releases: say what replaced them before the schema calls them unknown
 validate(config, "schemas/config.schema.yaml")
-
-from ffmerge.workflow.preflight import check_results_dir, preflight
-
 preflight(config)
 # a results folder made with another model, data, seed or split sizes would be rebuilt over: refuse, naming the keys
 check_results_dir(config)

@@ -5,6 +5,7 @@ import os
 from ffmerge.experiments import (MERGE_METHODS, compressed_models, fraction_label, parse_fraction_label, search_of,
                                  split_variant)
 from ffmerge.workflow.preflight import candidate_starts
+from ffmerge.workflow.settings import params_view
 
 R = os.path.join(config["results_dir"], "{task}")
 LOGS = os.path.join(config["results_dir"], "logs", "{task}")
@@ -31,11 +32,12 @@ def control_model(path):
 def task_cfg(*keys):
     """Only the config blocks a rule reads, so editing one block (say, finetune) reruns only its jobs.
 
-    Keys a task type does not use (image_size for a language model) are simply absent."""
+    Keys a task type does not use (image_size for a language model) are simply absent, and so are keys added
+    after results existed while they hold their default (ffmerge.workflow.settings: no rerun on upgrade)."""
 
     def params(wildcards):
         cfg = config["tasks"][wildcards.task]
-        return {key: cfg[key] for key in ("type", "seed", *keys) if key in cfg}
+        return {key: params_view(key, cfg[key]) for key in ("type", "seed", *keys) if key in cfg}
 
     return params
 

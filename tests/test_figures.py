@@ -436,7 +436,9 @@ def test_tree_has_the_pipeline_layout_and_table_columns(tree):
         "param_reduction_%",
         "repair_error",
         "ft_budget",
+        "device",
     ]
+    assert (table["device"] == "cpu fp32").all(), table["device"]  # every row's job recorded this CPU, in fp32
     assert table.loc[0, ["fraction", "variant", "choice", "layers"]].tolist() == ["0", "base", "", ""]
     assert len(table) == 1 + len(compressed_models(tree["config"]["tasks"]["lm"]["experiments"]))
     post = _json(tree, "lm", "eval", "permute", "1of3", "best", "post.json")
@@ -735,7 +737,7 @@ def test_table9_repair_error_and_budget_columns(tree, tmp_path):
         assert set(frame["ft_budget"]) == {"2,560 tokens"}
     # Table 9 of all tasks keeps the columns, at the end, and prints them as written (not as rounded numbers)
     frame, _ = figures.combined_table(tree["results"], "results")
-    assert list(frame.columns[-3:]) == ["param_reduction_%", "repair_error", "ft_budget"]
+    assert list(frame.columns[-4:]) == ["param_reduction_%", "repair_error", "ft_budget", "device"]
     figures.write_report_table(frame, [], tmp_path / "t.csv", tmp_path / "t.md", tmp_path / "t.html", "Table 9")
     md = (tmp_path / "t.md").read_text()
     assert "| 0.188 " in md and "2,560 tokens" in md and "| 0.19 " not in md

@@ -320,6 +320,17 @@ def test_every_paper_task_has_its_table_with_every_method(paper_run):
         ratios = int8.pivot(index="variant", columns="int8", values="ratio")
         assert (ratios[True] < ratios[False]).all(), (task, ratios)  # int8 linears: smaller files
         assert (results / task / "cka" / "ff_out.csv").is_file()
+        # every model job recorded where it computed: this machine's CPU, in fp32 although the paper config asks
+        # for fp16 training (autocast applies on CUDA only), and Table 9 shows it
+        cpu = {"type": "cpu", "name": None, "precision": "fp32"}
+        records = [json.loads(p.read_text()) for p in (results / task / "eval").rglob("*.json")]
+        assert len(records) >= 5 and all(r["device"] == cpu for r in records), task
+        assert all(r["finetune"]["device"] == cpu for r in records if r.get("finetune")), task
+        for path in (results / task / "candidates").rglob("start*.json"):
+            assert json.loads(path.read_text())["device"] == cpu, path
+        assert json.loads((results / task / "selection" / "permute" / "1of3.json").read_text())["device"] == cpu
+        assert json.loads((results / task / "int8" / "base.json").read_text())["device"]["precision"] == "int8"
+        assert (table["device"] == "cpu fp32").all(), table
 
 
 @pytest.mark.e2e

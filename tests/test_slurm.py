@@ -356,15 +356,18 @@ def _same_table(local: Path, remote: Path) -> None:
 
 
 DEVICE_PROBE = (
-    "import os, torch; from ffmerge.workflow.pipeline import resolve_device; "
-    "print('probe', os.environ.get('CUDA_VISIBLE_DEVICES', '-'), torch.cuda.is_available(), resolve_device('auto'))"
+    "import os, torch; from ffmerge.device import DeviceError, grant_gpus, resolve_device\n"
+    "granted = grant_gpus()\n"
+    "try:\n    device = resolve_device('auto')\nexcept DeviceError as err:\n    device = 'refused:' + str(err)\n"
+    "print('probe', os.environ.get('CUDA_VISIBLE_DEVICES', '-'), torch.cuda.is_available(), granted, repr(device))"
 )
 
 
 @pytest.mark.slurm
 def test_device_auto_follows_the_gpus_slurm_gives_a_job(slurm_cluster, tmp_path):
     """A job step as the plugin starts it (srun inside sbatch, --gpus=1 or not): SLURM sets CUDA_VISIBLE_DEVICES
-    only for the GPU job, and `device: auto` is CUDA exactly when torch then sees a GPU (never, on this node)."""
+    and its GPU variables only for the GPU job. `device: auto` is the CPU for the CPU job; the GPU job, whose
+    torch cannot use the node's (fake) GPU, is refused with the reason instead of running on the CPU."""
     env = {key: value for key, value in slurm_cluster.env.items() if key != "CUDA_VISIBLE_DEVICES"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
     jobs = {}
@@ -379,8 +382,14 @@ def test_device_auto_follows_the_gpus_slurm_gives_a_job(slurm_cluster, tmp_path)
         sbatch_output = proc.communicate(timeout=300)[0].decode()
         assert proc.returncode == 0, sbatch_output + (out.read_text() if out.exists() else "")
         (line,) = [line for line in out.read_text().splitlines() if line.startswith("probe ")]
-        _, visible, available, device = line.split()
-        assert device == ("cuda" if available == "True" else "cpu"), line
+        _, visible, available, granted, device = line.split(" ", 4)
+        if available == "True":  # a node with a usable GPU: auto takes it
+            assert device == "device(type='cuda')", line
+        elif name == "gpu":
+            assert granted == "1" and device.startswith("'refused:this job was given 1 GPU(s) (SLURM_"), line
+            assert "set device: cpu" in device, line
+        else:
+            assert granted == "0" and device == "device(type='cpu')", line
         seen[name] = visible
     assert seen == {"gpu": "0", "cpu": "-"}
 
@@ -389,12 +398,11 @@ def test_device_auto_follows_the_gpus_slurm_gives_a_job(slurm_cluster, tmp_path)
 @pytest.mark.e2e
 def test_reduced_pipeline_under_slurm_matches_a_local_run(slurm_cluster, tmp_path):
     sys.path.insert(0, str(REPO / "tests"))
-    import torch
     from slurm.tiny import save_tiny_llama, tiny_config
 
     model_dir = save_tiny_llama(tmp_path / "tiny-llama")
-    # device auto, as configured for clusters; the fake GPUs have no CUDA behind them, so jobs run on the CPU
-    device = "cpu" if torch.cuda.is_available() else "auto"
+    # the fake GPUs have no CUDA behind them: device auto would (rightly) refuse the GPU jobs, so the CPU on purpose
+    device = "cpu"
     runs = {}
     for name in ("local", "slurm"):
         config = tiny_config(model_dir, tmp_path / name / "results", device=device)

@@ -495,7 +495,6 @@ def test_compress_and_finetune_record_what_evaluate_measures_on_the_saved_model(
         max_steps=3,
         eval_every=1,
         checkpoint_every=2,
-        fp16=False,
         keep_state=False,
         distill={"weight": 0.0, "temperature": 1.0},
     )

@@ -388,8 +388,16 @@ def test_validation_fills_in_defaults(default_config):
     assert task["experiments"]["fractions"] == ["1/3", "1/2", "all-but-one"]  # given values are kept
     assert task["finetune"]["schedule"] == "inverse_sqrt"
     assert task["finetune"]["max_steps"] == 10  # given, not the default 100
-    assert task["finetune"]["fp16"] is False and task["finetune"]["warmup_steps"] == 0
-    assert task["selection"] == {"window": 1024, "stride": 512, "batch_size": 4, "max_new_tokens": 128, "num_beams": 1}
+    assert task["finetune"]["precision"] == "fp32" and task["finetune"]["warmup_steps"] == 0
+    assert task["finetune"]["grad_accum"] == 1 and task["finetune"]["decay_steps"] is None
+    assert task["selection"] == {
+        "window": 1024,
+        "stride": 512,
+        "batch_size": 4,
+        "max_new_tokens": 128,
+        "num_beams": 1,
+        "precision": "fp32",
+    }
     assert task["seed"] == 0
     assert config["results_dir"] == "results" and config["device"] == "auto"
 
@@ -1018,6 +1026,35 @@ def test_select_window_params_hold_only_the_search_keys_of_its_mode(snakemake_wo
         search.update(saved)
 
 
+def test_rule_params_leave_out_later_keys_at_their_default(snakemake_workflow):
+    """Keys added after runs existed (ffmerge.workflow.settings) are in no rule's params while they hold their
+    default, so that upgrading reruns nothing; set to another value, they are, and their jobs rerun."""
+    from snakemake.iocontainers import Wildcards
+
+    from ffmerge.workflow.settings import LATER_DEFAULTS
+
+    wildcards = Wildcards(fromdict={"task": "lm", "search": "permute", "fraction": "1of3"})
+    task = snakemake_workflow.config["tasks"]["lm"]
+    seen = set()
+    for rule in snakemake_workflow.rules:
+        for name, value in rule.params.items():
+            if name != "cfg" or not callable(value):
+                continue
+            params = value(wildcards)
+            for block, defaults in LATER_DEFAULTS.items():
+                if block in params:
+                    seen.add(block)
+                    assert not set(params[block]) & set(defaults), (rule.name, block, params[block])
+    assert seen == set(LATER_DEFAULTS)
+    saved = copy.deepcopy(task["evaluation"])
+    try:
+        task["evaluation"]["precision"] = "bf16"
+        (cfg,) = [v for n, v in snakemake_workflow.get_rule("evaluate").params.items() if n == "cfg"]
+        assert cfg(wildcards)["evaluation"]["precision"] == "bf16"
+    finally:
+        task["evaluation"] = saved
+
+
 def test_compressed_models_without_permute_has_no_ablations():
     exp = {
         "fractions": ["1/2", "1/3"],
@@ -1277,6 +1314,7 @@ TABLE9_COLUMNS = [
     "param_reduction_%",
     "repair_error",
     "ft_budget",
+    "device",
 ]
 
 

@@ -37,6 +37,7 @@ from transformers import (
     get_polynomial_decay_schedule_with_warmup,
 )
 
+from .device import PRECISIONS, autocast, effective_precision
 from .workflow.atomic import disk_full_error, is_disk_full, write_json
 
 logger = logging.getLogger(__name__)
@@ -73,13 +74,17 @@ class FinetuneConfig:
     it lives here so it is stored in the checkpoint and a resume with a different value is flagged.
     ``patience`` counts evaluations (not steps) without improvement before stopping early.
     ``schedule="inverse_sqrt"`` follows fairseq (lr * sqrt(warmup / step) after a linear warmup);
-    ``"linear"`` decays linearly to ``min_lr`` at ``max_steps`` (the vision recipe).
+    ``"linear"`` decays linearly to ``min_lr`` at ``decay_steps`` (default ``max_steps``) and stays there (the
+    paper's ViT recipe: 50k steps, the lr reaching 1e-6 at 20k).
+    ``precision`` is the autocast dtype on CUDA (``fp16`` also scales the loss); a CPU trains in fp32
+    (:func:`ffmerge.device.effective_precision`).
     """
 
     lr: float = 5e-5
     schedule: Schedule = "inverse_sqrt"
     warmup_steps: int = 0
     min_lr: float = 0.0
+    decay_steps: int | None = None
     max_steps: int = 1000
     batch_size: int = 8
     grad_accum: int = 1
@@ -88,7 +93,7 @@ class FinetuneConfig:
     eval_every: int = 100
     checkpoint_every: int = 100
     seed: int = 0
-    fp16: bool = False
+    precision: str = "fp32"
     device: str | None = None
     higher_is_better: bool = False
     patience: int | None = None
@@ -110,6 +115,10 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps < 0 or self.warmup_steps < 0:
             raise ValueError("max_steps and warmup_steps must be >= 0")
+        if self.decay_steps is not None and self.decay_steps < 1:
+            raise ValueError(f"decay_steps must be >= 1 or None, got {self.decay_steps}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be >= 1 or None, got {self.patience}")
 
@@ -161,12 +170,11 @@ def finetune(
     if config.max_steps == 0:
         return _evaluate_only(model, evaluate, work_dir, emit)
 
-    use_amp = config.fp16 and device.type == "cuda"
-    if config.fp16 and not use_amp:
-        emit(f"fp16 ignored on {device.type}: autocast/GradScaler need cuda; training in fp32")
+    precision = effective_precision(device, config.precision, emit)
     optimizer = make_optimizer(model, config)
     scheduler = _make_scheduler(optimizer, config)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    # fp16's narrow range needs the loss scaled; bf16 has fp32's range
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     if (work_dir / LAST_CHECKPOINT).exists():
         progress = _resume(work_dir, model, optimizer, scheduler, scaler, config, emit)
@@ -179,7 +187,7 @@ def finetune(
     with tqdm(total=config.max_steps, initial=progress.step, desc="finetune", disable=None) as bar:
         while not _training_over(progress, config):
             loss = _train_step(
-                model, optimizer, scheduler, scaler, loss_fn, get_batch, progress.step, config, device, use_amp
+                model, optimizer, scheduler, scaler, loss_fn, get_batch, progress.step, config, device, precision
             )
             progress.step += 1
             bar.update(1)
@@ -235,7 +243,7 @@ def _make_scheduler(optimizer: torch.optim.Optimizer, config: FinetuneConfig) ->
         return get_inverse_sqrt_schedule(optimizer, num_warmup_steps=config.warmup_steps)
     if config.schedule == "linear":
         return get_polynomial_decay_schedule_with_warmup(
-            optimizer, config.warmup_steps, config.max_steps, lr_end=config.min_lr, power=1.0
+            optimizer, config.warmup_steps, config.decay_steps or config.max_steps, lr_end=config.min_lr, power=1.0
         )
     return get_constant_schedule_with_warmup(optimizer, config.warmup_steps)
 
@@ -250,7 +258,7 @@ def _train_step(
     step: int,
     config: FinetuneConfig,
     device: torch.device,
-    use_amp: bool,
+    precision: str,
 ) -> float:
     """Do optimizer update ``step + 1`` from micro-batches ``step * grad_accum + k``; return their mean loss."""
     model.train()
@@ -258,7 +266,7 @@ def _train_step(
     total = 0.0
     for k in range(config.grad_accum):
         batch = _to_device(get_batch(step * config.grad_accum + k), device)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+        with autocast(device, precision):
             loss = loss_fn(model, batch)
         scaler.scale(loss / config.grad_accum).backward()
         total += loss.item()
@@ -374,7 +382,8 @@ def _resume(
             f"{path} does not fit this model/optimizer ({err}). Delete {path} to restart fine-tuning from scratch."
         ) from err
     _set_rng_state(state["rng"])
-    changed = {k: (v, getattr(config, k, None)) for k, v in state["config"].items() if getattr(config, k, None) != v}
+    saved = _current_names(state["config"])
+    changed = {k: (v, getattr(config, k, None)) for k, v in saved.items() if getattr(config, k, None) != v}
     conflicting = {k: v for k, v in changed.items() if k not in _RESUMABLE_CHANGES}
     if conflicting:
         raise CheckpointError(
@@ -387,6 +396,14 @@ def _resume(
     _adopt_newer_best(progress, work_dir, emit)
     emit(f"resumed from step {progress.step}")
     return progress
+
+
+def _current_names(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's recipe in today's names: ``fp16: bool`` became ``precision`` ("fp16" or "fp32")."""
+    saved = dict(saved)
+    if "fp16" in saved:
+        saved["precision"] = "fp16" if saved.pop("fp16") else "fp32"
+    return saved
 
 
 _RESUMABLE_CHANGES = frozenset(

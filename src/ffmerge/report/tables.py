@@ -55,11 +55,31 @@ def budget_text(finetune: dict | None) -> str:
     return f"{int(budget['total']):,} {budget.get('unit', '')}".rstrip()
 
 
+def device_text(record: dict | None) -> str:
+    """A result file's device record (:func:`ffmerge.device.device_record`) as the tables print it, e.g.
+    "cpu fp32" or "cuda (NVIDIA H100 80GB HBM3) bf16"."""
+    if not record:
+        return ""
+    name = f" ({record['name']})" if record.get("name") else ""
+    return f"{record['type']}{name} {record['precision']}"
+
+
+def device_cell(record: dict) -> str:
+    """Where a Table 9 row was computed: the test evaluation's device and precision, and the fine-tune's where it
+    differs (e.g. "cuda (NVIDIA H100 80GB HBM3) bf16 train; ... fp32 test"). Empty for files written before
+    devices were recorded."""
+    test = record.get("device")
+    train = (record.get("finetune") or {}).get("device")
+    if train and train != test:
+        return f"{device_text(train)} train; {device_text(test)} test".strip()
+    return device_text(test)
+
+
 def results_table(base: dict, rows: list[dict]) -> pd.DataFrame:
     """The paper's Table 9 layout: metric per fraction x method after fine-tuning, with sizes; then the local
-    repair error (``repair_error``, from pre.json) and the recovery budget (``ft_budget``, from post.json), at
-    the end so the paper's columns keep their places. Tasks whose result files carry a ``metric_signature``
-    (translation: sacrebleu's BLEU signature) get it as a last column; the others' tables are unchanged."""
+    repair error (``repair_error``, from pre.json), the recovery budget (``ft_budget``, from post.json) and the
+    device and precision (``device``), at the end so the paper's columns keep their places. Tasks whose result
+    files carry a ``metric_signature`` (translation: sacrebleu's BLEU signature) get it as a last column."""
     base_params = base["size"]["parameters"]
     records = [
         {
@@ -75,6 +95,7 @@ def results_table(base: dict, rows: list[dict]) -> pd.DataFrame:
             "param_reduction_%": 0.0,
             "repair_error": "",
             "ft_budget": budget_text(base.get("finetune")),
+            "device": device_cell(base),
         }
     ]
     for r in rows:
@@ -96,6 +117,7 @@ def results_table(base: dict, rows: list[dict]) -> pd.DataFrame:
                 "param_reduction_%": round(100 * (1 - r["size"]["parameters"] / base_params), 2),
                 "repair_error": repair_text(r.get("repair")),
                 "ft_budget": budget_text(r.get("finetune")),
+                "device": device_cell(r),
             }
         )
     frame = pd.DataFrame.from_records(records)

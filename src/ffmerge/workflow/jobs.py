@@ -92,7 +92,7 @@ def job_logging(log_path: str | Path | None) -> Iterator[logging.Logger]:
 
 @contextlib.contextmanager
 def snakemake_job(smk: Any) -> Iterator[logging.Logger]:
-    """Everything a job script needs around its one call: its log file and the threads it was given.
+    """Everything a job script needs around its one call: its log file, the threads and the GPUs it was given.
 
     torch would otherwise start one thread per core in every job; with several jobs per machine the
     oversubscribed threads spin against each other and everything slows down.
@@ -102,4 +102,8 @@ def snakemake_job(smk: Any) -> Iterator[logging.Logger]:
     if torch is not None:
         torch.set_num_threads(max(1, int(smk.threads)))
     with job_logging(smk.log[0] if smk.log else None) as logger:
+        # a job given a GPU must not quietly fall back to the CPU (ffmerge.device.resolve_device)
+        from ..device import grant_gpus
+
+        grant_gpus(dict(smk.resources.items()) if smk.resources is not None else {})
         yield logger

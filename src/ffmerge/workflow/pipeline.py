@@ -23,6 +23,8 @@ from ..adapters import get_adapter
 from ..align import MergePlan, SolvedPairs, anchor_layer, load_pairs, plan_merge, save_pairs, solve_pairs
 from ..checkpoint import load_model, save_compressed
 from ..cka import cka_matrix
+from ..device import autocast, device_record, effective_precision
+from ..device import resolve_device as _resolve_device
 from ..drop import drop_layers
 from ..experiments import (
     parse_fraction_label,
@@ -40,6 +42,7 @@ from ..size import size_report
 from ..tasks import get_task
 from ..tie_random import tie_random
 from .atomic import write_json
+from .settings import setting
 
 log = logging.getLogger("ffmerge")
 
@@ -49,12 +52,39 @@ def read_json(path: str | Path) -> Any:
 
 
 def resolve_device(device: str) -> torch.device:
-    """ "auto" means the GPU when the job was given one (CUDA visible), else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("config asks for device cuda but no GPU is visible to this job; use device: auto or cpu")
-    return torch.device(device)
+    """The job's device (:func:`ffmerge.device.resolve_device`: a granted GPU that cannot be used is an error),
+    named in its log."""
+    dev = _resolve_device(device)
+    log.info("device: %s%s", dev, f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "")
+    return dev
+
+
+def scoring_precision(cfg: dict, block: str, dev: torch.device) -> str:
+    """The precision the forward passes of scoring block ``block`` (selection, evaluation) use on ``dev``."""
+    precision = effective_precision(dev, setting(cfg, block, "precision"), log.info)
+    log.info("%s scoring in %s", block, precision)
+    return precision
+
+
+class _AutocastScorer:
+    """A batch-addressable scorer whose forward passes run under the scoring precision's autocast; the model
+    building between them (alignment, averaging) stays in fp32."""
+
+    def __init__(self, scorer: Any, device: torch.device, precision: str):
+        self.scorer, self.device, self.precision = scorer, device, precision
+        self.n_batches = scorer.n_batches
+
+    def run(self, model: nn.Module, batches: range | None = None) -> dict[str, float]:
+        with autocast(self.device, self.precision):
+            return self.scorer.run(model, batches)
+
+    def metric(self, sums: dict[str, float]) -> float:
+        return self.scorer.metric(sums)
+
+
+def _score(task: Any, model: nn.Module, data_dir: Path, split: str, block: str, dev: torch.device, precision: str):
+    with autocast(dev, precision):
+        return task.score(model, Path(data_dir), split, block, dev)
 
 
 def stack_layers(model: nn.Module) -> dict[str, int]:
@@ -191,7 +221,8 @@ def candidate(
     fraction = parse_fraction_label(fraction_label)
     features = FeatureStore.open(features_dir) if features_dir else None
     info = compress(model, variant, fraction, start, features)
-    metric = task.score(model, Path(data_dir), "valid", "selection", dev)
+    precision = scoring_precision(cfg, "selection", dev)
+    metric = _score(task, model, data_dir, "valid", "selection", dev, precision)
     result = {
         "variant": variant,
         "fraction": fraction,
@@ -201,6 +232,7 @@ def candidate(
         "valid": metric,
         "parameters": model.num_parameters(),
         **_metric_details(task),
+        "device": device_record(dev, precision),
     }
     write_json(out_json, result)
     return result
@@ -231,7 +263,8 @@ def search(
     dev = resolve_device(device)
     base = load_model(model_dir, auto_class=task.auto_class, device=dev)
     features = FeatureStore.open(features_dir) if features_dir else None
-    scorer, reuse = selection_scorer(task, Path(data_dir), dev, cfg["search"])
+    precision = scoring_precision(cfg, "selection", dev)
+    scorer, reuse = selection_scorer(task, Path(data_dir), dev, cfg["search"], precision)
     rows, record = search_model(
         task,
         base,
@@ -243,15 +276,19 @@ def search(
         reuse=reuse,
         solved=_solved(alignments, features),
     )
+    record["device"] = device_record(dev, precision)
     return _write_selection(rows, task, out_json, _metric_details(task), record)
 
 
-def selection_scorer(task: Any, data_dir: Path, device: torch.device, search_cfg: dict) -> tuple[Any, bool]:
-    """The validation scorer of a search and whether hidden states below a window can be replayed."""
+def selection_scorer(
+    task: Any, data_dir: Path, device: torch.device, search_cfg: dict, precision: str = "fp32"
+) -> tuple[Any, bool]:
+    """The validation scorer of a search (forward passes in ``precision``) and whether hidden states below a
+    window can be replayed."""
     scorer = task.scorer(data_dir, "valid", "selection", device)
     if scorer is None:  # a metric that cannot be split (corpus BLEU, WER): one full pass per candidate
-        return _WholeScorer(task, data_dir, device), False
-    return scorer, search_cfg["reuse_states"]
+        return _AutocastScorer(_WholeScorer(task, data_dir, device), device, precision), False
+    return _AutocastScorer(scorer, device, precision), search_cfg["reuse_states"]
 
 
 def search_model(
@@ -379,8 +416,9 @@ def _write_selection(
         "scores": {str(r["start"]): r["valid"] for r in rows},
         "screened": {str(r["start"]): r["share"] for r in rows if r.get("share", 1.0) < 1.0},
         **(record or {}),
-        # the candidates' metric details (per-window jobs: the best one's), e.g. the sacrebleu signature
-        **(details if details is not None else {k: best[k] for k in METRIC_DETAIL_KEYS if k in best}),
+        # the candidates' metric details (per-window jobs: the best one's, and where it was scored, since candidate
+        # jobs may run on different nodes), e.g. the sacrebleu signature
+        **(details if details is not None else {k: best[k] for k in (*METRIC_DETAIL_KEYS, "device") if k in best}),
     }
     write_json(out_json, result)
     return result
@@ -456,7 +494,7 @@ def build_compressed(
     }
     save_compressed(model, out_dir, extra=extra)
     if eval_json is not None:
-        _write_test_record(task, model, data_dir, eval_json, device, extra)
+        _write_test_record(task, model, data_dir, eval_json, device, extra, cfg)
     return extra
 
 
@@ -482,17 +520,27 @@ def run_finetune(
     dev = resolve_device(device)
     model = load_model(model_dir, auto_class=task.auto_class, device=dev)
     ft = cfg["finetune"]
+    checkpointing = setting(cfg, "finetune", "gradient_checkpointing")
+    if checkpointing:
+        if not model.supports_gradient_checkpointing:
+            raise ValueError(
+                f"finetune.gradient_checkpointing: {type(model).__name__} does not support it; set it to false"
+            )
+        # non-reentrant: recomputation replays the RNG state, so dropout (and exact resume) are unchanged
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     config = FinetuneConfig(
         lr=ft["lr"],
         schedule=ft["schedule"],
         warmup_steps=ft["warmup_steps"],
         min_lr=ft["min_lr"],
+        decay_steps=setting(cfg, "finetune", "decay_steps"),
         max_steps=ft["max_steps"],
         batch_size=ft["batch_size"],
+        grad_accum=setting(cfg, "finetune", "grad_accum"),
         eval_every=ft["eval_every"],
         checkpoint_every=ft["checkpoint_every"],
         seed=cfg["seed"],
-        fp16=ft["fp16"],
+        precision=setting(cfg, "finetune", "precision"),
         device=str(dev),
         higher_is_better=task.higher_is_better,
         # the finished model is saved right after; a resume state at the last step would only be deleted again
@@ -507,16 +555,19 @@ def run_finetune(
             raise ValueError("finetune.distill.weight > 0 needs the uncompressed model as teacher (teacher_dir)")
         teacher = load_model(teacher_dir, auto_class=task.auto_class, device=dev)
         loss_fn = distillation_loss(task.training_outputs, teacher, **distill)
+    precision = scoring_precision(cfg, "selection", dev)
     result = finetune(
         model,
         loss_fn=loss_fn,
         get_batch=get_batch,
         config=config,
         work_dir=work_dir,
-        evaluate=lambda m: task.score(m, Path(data_dir), "valid", "selection", dev),
+        evaluate=lambda m: _score(task, m, data_dir, "valid", "selection", dev, precision),
         log=log.info,
     )
-    per_step = task.examples_per_step()
+    if checkpointing:
+        model.activation_checkpointing_disable()
+    per_step = task.examples_per_step() * config.grad_accum
     extra = {
         "finetune": {
             "best_valid": result.best_metric,
@@ -527,6 +578,9 @@ def run_finetune(
             "budget": {"unit": task.budget_unit, "per_step": per_step, "total": per_step * result.steps_done},
             "distill": dict(distill),
             "lr": ft["lr"],
+            # where it trained, in what precision (a CPU: fp32 whatever the config asked)
+            "device": device_record(dev, effective_precision(dev, config.precision)),
+            "gradient_checkpointing": checkpointing,
             "curve": [
                 {"step": h["step"], "seen": h["step"] * per_step, "valid": h["metric"], "train_loss": h["train_loss"]}
                 for h in result.history
@@ -536,7 +590,7 @@ def run_finetune(
     extra = _source_extra(model_dir) | extra
     save_compressed(model.cpu(), out_dir, extra=extra)
     if eval_json is not None:
-        _write_test_record(task, model, data_dir, eval_json, device, extra)
+        _write_test_record(task, model, data_dir, eval_json, device, extra, cfg)
     if not ft["keep_state"]:
         # the finished model is saved; the resume state (weights plus AdamW moments) is only dead weight now
         shutil.rmtree(work_dir, ignore_errors=True)
@@ -576,23 +630,25 @@ def evaluate(cfg: dict, model_dir: Path, data_dir: Path, out_json: Path, device:
     """
     task = get_task(cfg)
     model = load_model(model_dir, auto_class=task.auto_class)
-    return _write_test_record(task, model, data_dir, out_json, device, _source_extra(model_dir))
+    return _write_test_record(task, model, data_dir, out_json, device, _source_extra(model_dir), cfg)
 
 
 def _write_test_record(
-    task: Any, model: nn.Module, data_dir: Path | None, out_json: Path, device: str, extra: dict
+    task: Any, model: nn.Module, data_dir: Path | None, out_json: Path, device: str, extra: dict, cfg: dict
 ) -> dict:
     """One model's evaluation file; the same whether the model was just built or loaded from its folder."""
     if data_dir is None:
         raise ValueError(f"measuring the test metric for {out_json} needs the task's data folder (data_dir)")
     dev = resolve_device(device)
     model.to(dev)
+    precision = scoring_precision(cfg, "evaluation", dev)
     result = {
         "metric": task.metric,
-        "test": task.score(model, Path(data_dir), "test", "evaluation", dev),
+        "test": _score(task, model, data_dir, "test", "evaluation", dev, precision),
         **_metric_details(task),
         "size": size_report(model).as_dict(),
         **{k: extra.get(k) for k in ("variant", "fraction", "choice", "start", "windows", "repair", "finetune")},
+        "device": device_record(dev, precision),
     }
     write_json(out_json, result)
     return result
@@ -628,6 +684,7 @@ def int8(cfg: dict, model_dir: Path, data_dir: Path, out_json: Path, device: str
         **_metric_details(task),
         "bytes_float": float_bytes,
         "bytes_int8": int8_size_bytes(quantized),
+        "device": device_record(dev, "int8"),
         **{k: extra.get(k) for k in ("variant", "fraction", "choice", "start", "windows")},
     }
     write_json(out_json, result)

@@ -18,6 +18,24 @@ class ConfigError(ValueError):
     pass
 
 
+RENAMED_KEYS = {
+    ("finetune", "fp16"): "finetune.precision: fp16 (or bf16 on Ampere and newer GPUs, fp32 for neither)",
+}
+"""Keys of earlier releases, with what replaces them: the schema alone would only call them unexpected."""
+
+
+def check_renamed_keys(config: dict[str, Any]) -> None:
+    """Name the replacement of a key an older config still uses; run before schema validation."""
+    for name, task in (config.get("tasks") or {}).items():
+        for (block, key), replacement in RENAMED_KEYS.items():
+            values = task.get(block) if isinstance(task, dict) else None
+            if isinstance(values, dict) and key in values:
+                raise ConfigError(
+                    f"tasks.{name}.{block}.{key} is no longer a setting: write {replacement} instead "
+                    f"(your value: {key}: {values[key]})"
+                )
+
+
 def preflight(config: dict[str, Any]) -> None:
     """Checks the JSON schema cannot express, run before any job: packaged assets exist, local models fit."""
     for name, task in config["tasks"].items():
