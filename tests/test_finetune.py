@@ -418,3 +418,39 @@ def test_fused_adamw_updates_like_torchs_per_tensor_loop() -> None:
         moved = (loop[key] - start[key]).abs().max().item()
         assert moved > 1e-4, key  # every tensor really trained (lr 3e-3 over three updates)
         torch.testing.assert_close(fused[key], loop[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_loader_workers_prefetch_the_same_micro_batches_in_order() -> None:
+    from ffmerge.finetune import MicroBatches
+
+    get_batch = lm_batches(token_stream(4000, 1), batch_size=2, seq_len=SEQ_LEN, seed=0)
+    with MicroBatches(get_batch, start=5, stop=11, workers=2) as batches:
+        for i in range(5, 11):
+            assert torch.equal(batches(i)["input_ids"], get_batch(i)["input_ids"]), i
+    with MicroBatches(get_batch, start=0, stop=4, workers=1) as batches, pytest.raises(RuntimeError, match="order"):
+        batches(1)  # a skipped micro-batch would silently shift the data: refused
+
+
+def test_training_with_loader_workers_is_training_without_them(tmp_path: Path) -> None:
+    """Workers change where batches are made, not which: same weights, and a resume may change their number."""
+    models = {}
+    for workers in (0, 2):
+        model = tiny_tied_llama()
+        finetune(
+            model,
+            loss_fn=causal_lm_loss,
+            get_batch=lm_batches(token_stream(4000, 1), batch_size=2, seq_len=SEQ_LEN, seed=0),
+            evaluate=validation_loss,
+            config=replace(RESUME_CONFIG, max_steps=6, loader_workers=workers),
+            work_dir=tmp_path / str(workers),
+        )
+        models[workers] = model
+    _assert_same_tensors(models[0].state_dict(), models[2].state_dict())
+    finetune(
+        models[2],
+        loss_fn=causal_lm_loss,
+        get_batch=lm_batches(token_stream(4000, 1), batch_size=2, seq_len=SEQ_LEN, seed=0),
+        evaluate=validation_loss,
+        config=replace(RESUME_CONFIG, max_steps=8, loader_workers=1),
+        work_dir=tmp_path / "2",
+    )

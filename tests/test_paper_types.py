@@ -258,7 +258,11 @@ def paper_config(root: Path) -> dict:
     for task in (lm, vision, mt):
         assert "search" not in task  # the schema's default, per_window: one candidate job per window start
         task["experiments"] = {**task["experiments"], **GRID}
-        task["finetune"] = {"max_steps": 2, "batch_size": 2, "lr": 1e-4, "eval_every": 1, "checkpoint_every": 1}
+        # the paper's recipe (schedule, warm-up, decay, precision fp16, ViT's loader workers) at a tiny size
+        tiny = {"max_steps": 2, "batch_size": 2, "lr": 1e-4, "eval_every": 1, "checkpoint_every": 1}
+        task["finetune"] = {**task["finetune"], **tiny}
+    assert vision["finetune"]["loader_workers"] > 0
+    assert {task["finetune"]["precision"] for task in (lm, vision, mt)} == {"fp16"}
     lm["finetune"]["seq_len"] = 64
     return config
 

@@ -94,6 +94,7 @@ class FinetuneConfig:
     checkpoint_every: int = 100
     seed: int = 0
     precision: str = "fp32"
+    loader_workers: int = 0
     device: str | None = None
     higher_is_better: bool = False
     patience: int | None = None
@@ -117,6 +118,8 @@ class FinetuneConfig:
             raise ValueError("max_steps and warmup_steps must be >= 0")
         if self.decay_steps is not None and self.decay_steps < 1:
             raise ValueError(f"decay_steps must be >= 1 or None, got {self.decay_steps}")
+        if self.loader_workers < 0:
+            raise ValueError(f"loader_workers must be >= 0, got {self.loader_workers}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if self.patience is not None and self.patience < 1:
@@ -184,10 +187,17 @@ def finetune(
         _record_eval(progress, _run_eval(model, evaluate), None, model, work_dir, config, emit)
 
     saved_step = progress.resumed_from
-    with tqdm(total=config.max_steps, initial=progress.step, desc="finetune", disable=None) as bar:
+    batches = MicroBatches(
+        get_batch,
+        start=progress.step * config.grad_accum,
+        stop=config.max_steps * config.grad_accum,
+        workers=config.loader_workers,
+        pin_memory=device.type == "cuda",
+    )
+    with batches, tqdm(total=config.max_steps, initial=progress.step, desc="finetune", disable=None) as bar:
         while not _training_over(progress, config):
             loss = _train_step(
-                model, optimizer, scheduler, scaler, loss_fn, get_batch, progress.step, config, device, precision
+                model, optimizer, scheduler, scaler, loss_fn, batches, progress.step, config, device, precision
             )
             progress.step += 1
             bar.update(1)
@@ -265,7 +275,7 @@ def _train_step(
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
     for k in range(config.grad_accum):
-        batch = _to_device(get_batch(step * config.grad_accum + k), device)
+        batch = _to_device(get_batch(step * config.grad_accum + k), device, non_blocking=True)
         with autocast(device, precision):
             loss = loss_fn(model, batch)
         scaler.scale(loss / config.grad_accum).backward()
@@ -279,15 +289,65 @@ def _train_step(
     return total / config.grad_accum
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
-    """Move every tensor of a nested batch, so ``get_batch`` can stay device-agnostic."""
+def _to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    """Move every tensor of a nested batch, so ``get_batch`` can stay device-agnostic (``non_blocking``: a
+    pinned batch is copied to the GPU while the host goes on)."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device)
+        return batch.to(device, non_blocking=non_blocking)
     if isinstance(batch, Mapping):
-        return {key: _to_device(value, device) for key, value in batch.items()}
+        return {key: _to_device(value, device, non_blocking) for key, value in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(value, device) for value in batch)
+        return type(batch)(_to_device(value, device, non_blocking) for value in batch)
     return batch
+
+
+class _IndexedBatches(torch.utils.data.Dataset):
+    """Micro-batches ``start .. stop - 1`` as a map-style dataset: item ``j`` is ``get_batch(start + j)``."""
+
+    def __init__(self, get_batch: Callable[[int], Any], start: int, stop: int):
+        self.get_batch, self.start, self.stop = get_batch, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, j: int) -> Any:
+        return self.get_batch(self.start + j)
+
+
+class MicroBatches:
+    """``get_batch(i)`` for ``i = start, start + 1, ...`` in that order, the next ones made ahead by ``workers``
+    DataLoader processes (decoding and augmenting images or audio while the model trains), in pinned memory for
+    a GPU. ``workers`` 0 calls ``get_batch`` in place. The batches are the same either way, since ``get_batch``
+    is a pure function of ``i``: workers change speed, never the trajectory (nor what a resume sees)."""
+
+    def __init__(self, get_batch: Callable[[int], Any], start: int, stop: int, workers: int = 0, pin_memory=False):
+        self.get_batch, self.next = get_batch, start
+        self.iterator = None
+        if workers > 0 and stop > start:
+            loader = torch.utils.data.DataLoader(
+                _IndexedBatches(get_batch, start, stop),
+                batch_size=None,  # each item is already a whole micro-batch
+                num_workers=workers,
+                pin_memory=pin_memory,
+                # the workers' base seed from a generator of their own: drawn from torch's global one, it would
+                # shift the dropout of every later step
+                generator=torch.Generator().manual_seed(0),
+            )
+            self.iterator = iter(loader)
+
+    def __call__(self, i: int) -> Any:
+        if self.iterator is None:
+            return self.get_batch(i)
+        if i != self.next:
+            raise RuntimeError(f"micro-batch {i} asked for out of order (next prefetched: {self.next})")
+        self.next += 1
+        return next(self.iterator)
+
+    def __enter__(self) -> MicroBatches:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.iterator = None  # the DataLoader iterator shuts its workers down when it is dropped
 
 
 def _run_eval(model: nn.Module, evaluate: Callable[[nn.Module], float]) -> float:
@@ -407,7 +467,7 @@ def _current_names(saved: dict[str, Any]) -> dict[str, Any]:
 
 
 _RESUMABLE_CHANGES = frozenset(
-    {"max_steps", "device", "eval_every", "checkpoint_every", "patience", "save_final_state"}
+    {"max_steps", "device", "eval_every", "checkpoint_every", "patience", "save_final_state", "loader_workers"}
 )
 """Settings that may change between an interrupted run and its resume: a longer budget, another machine,
 or different bookkeeping. Anything else (lr, schedule, batch, seed, ...) would silently mix two recipes."""

@@ -537,6 +537,7 @@ def run_finetune(
         max_steps=ft["max_steps"],
         batch_size=ft["batch_size"],
         grad_accum=setting(cfg, "finetune", "grad_accum"),
+        loader_workers=setting(cfg, "finetune", "loader_workers"),
         eval_every=ft["eval_every"],
         checkpoint_every=ft["checkpoint_every"],
         seed=cfg["seed"],

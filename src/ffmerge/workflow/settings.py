@@ -16,7 +16,13 @@ from typing import Any
 LATER_DEFAULTS: dict[str, dict[str, Any]] = {
     "selection": {"precision": "fp32"},
     "evaluation": {"precision": "fp32"},
-    "finetune": {"precision": "fp32", "grad_accum": 1, "gradient_checkpointing": False, "decay_steps": None},
+    "finetune": {
+        "precision": "fp32",
+        "grad_accum": 1,
+        "gradient_checkpointing": False,
+        "decay_steps": None,
+        "loader_workers": 0,
+    },
 }
 
 
