@@ -35,7 +35,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import yaml
 from transformers import GPT2Config, GPT2LMHeadModel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,7 +78,7 @@ def matmul_gflops() -> float:
 
 
 def paper_type_run(root: Path, device: str) -> dict:
-    from test_paper_types import TASKS, _environ, paper_config
+    from test_paper_types import TASKS, paper_config, run_paper_config
 
     config = paper_config(root)
     config["device"] = device
@@ -88,16 +87,8 @@ def paper_type_run(root: Path, device: str) -> dict:
         task["finetune"]["precision"] = train
         task["selection"] = {**task.get("selection", {}), "precision": score}
         task["evaluation"] = {**task.get("evaluation", {}), "precision": score}
-    configfile = root / "config.yaml"
-    configfile.write_text(yaml.safe_dump(config, allow_unicode=True))
     started = time.perf_counter()
-    run = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--configfile", str(configfile)]
-        + ["--cores", str(min(os.cpu_count() or 2, 8)), "--directory", str(root / "wd")],
-        capture_output=True,
-        text=True,
-        env=_environ(),
-    )
+    run = run_paper_config(root, config, cores=min(os.cpu_count() or 2, 8))
     wall = time.perf_counter() - started
     if run.returncode != 0:
         sys.exit(f"paper-type run failed after {wall:.0f} s:\n{(run.stdout + run.stderr)[-6000:]}")

@@ -29,6 +29,15 @@ def control_model(path):
     return temp(path) if config["keep_models"] == "chosen" else path
 
 
+def work_dir(subfolder):
+    """A fine-tune's resume-state folder: below results_dir, or below scratch_dir (expanded in the job, so that
+    $TMPDIR or $USER are the job's own) when the config sets one."""
+    scratch = config.get("scratch_dir")
+    if not scratch:
+        return os.path.join(config["results_dir"], "{task}", "work", subfolder)
+    return os.path.join(scratch, "{task}", subfolder)
+
+
 def task_cfg(*keys):
     """Only the config blocks a rule reads, so editing one block (say, finetune) reruns only its jobs.
 

@@ -24,7 +24,7 @@ rule finetune:
     params:
         cfg=task_cfg("finetune", "selection", "evaluation"),
         device=DEVICE,
-        work=f"{R}/work/finetune/{{variant}}/{{fraction}}/{{choice}}",
+        work=work_dir("finetune/{variant}/{fraction}/{choice}"),
     log:
         f"{LOGS}/finetune/{{variant}}/{{fraction}}/{{choice}}.log",
     benchmark:
@@ -48,7 +48,7 @@ use rule finetune as finetune_base with:
     params:
         cfg=task_cfg("finetune", "selection", "evaluation"),
         device=DEVICE,
-        work=f"{R}/work/finetune/base",
+        work=work_dir("finetune/base"),
     log:
         f"{LOGS}/finetune/base.log",
     benchmark:

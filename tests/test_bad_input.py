@@ -48,7 +48,7 @@ from ffmerge.tasks.image_classification import tokens_per_image
 from ffmerge.tasks.seq2seq import SpeechRecognitionTask
 from ffmerge.workflow import atomic
 from ffmerge.workflow.atomic import DiskFullError, atomic_output_dir
-from ffmerge.workflow.pipeline import choose_start, resolve_device
+from ffmerge.workflow.pipeline import choose_start, expand_work_dir, resolve_device
 from ffmerge.workflow.preflight import ConfigError, check_results_dir, preflight
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,6 +158,15 @@ def test_device_cuda_without_a_gpu_names_the_working_values(results, monkeypatch
     with untouched(results), pytest.raises(RuntimeError) as error:
         resolve_device("cuda")
     names(str(error.value), "no GPU is visible", "device: auto or cpu")
+
+
+def test_scratch_dir_naming_a_variable_the_job_lacks_names_it(results, monkeypatch, tmp_path):
+    monkeypatch.delenv("FFMERGE_NO_SUCH_SCRATCH", raising=False)
+    with untouched(results), pytest.raises(ValueError) as error:
+        expand_work_dir("$FFMERGE_NO_SUCH_SCRATCH/lm/finetune/base")
+    names(str(error.value), r"scratch_dir: \$FFMERGE_NO_SUCH_SCRATCH/lm", "set it in the job.s environment")
+    monkeypatch.setenv("FFMERGE_NO_SUCH_SCRATCH", str(tmp_path))
+    assert expand_work_dir("$FFMERGE_NO_SUCH_SCRATCH/lm") == tmp_path / "lm"
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -272,13 +272,10 @@ def paper_run(tmp_path_factory, request) -> Iterator[tuple[Path, dict, str]]:
     root = tmp_path_factory.mktemp("paper")
     failed_before = request.session.testsfailed
     config = paper_config(root)
-    configfile = root / "config.yaml"
-    configfile.write_text(yaml.safe_dump(config, allow_unicode=True))
-    env_hub = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(root / "hf-cache")}
-    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile", str(configfile)]
-    command += ["-d", str(root / "wd"), "--cores", "2"]
+    # resume states on a scratch path named through the job's environment, as on a cluster ("$TMPDIR/...")
+    config["scratch_dir"] = str(root / "scratch" / "$FFMERGE_TEST_NODE")
     started = time.perf_counter()
-    run = subprocess.run(command, capture_output=True, text=True, env={**_environ(), **env_hub})
+    run = run_paper_config(root, config, cores=2, env={"FFMERGE_TEST_NODE": "node7"})
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-6000:]
     print(f"paper-type run: {time.perf_counter() - started:.0f} s")
@@ -288,10 +285,16 @@ def paper_run(tmp_path_factory, request) -> Iterator[tuple[Path, dict, str]]:
         shutil.rmtree(root)
 
 
-def _environ() -> dict:
+def run_paper_config(root: Path, config: dict, cores: int, env: dict | None = None) -> subprocess.CompletedProcess:
+    """snakemake on ``config`` (written to root/config.yaml), offline, working directory root/wd."""
     import os
 
-    return dict(os.environ)
+    configfile = root / "config.yaml"
+    configfile.write_text(yaml.safe_dump(config, allow_unicode=True))
+    env_hub = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(root / "hf-cache")}
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--configfile", str(configfile)]
+    command += ["-d", str(root / "wd"), "--cores", str(cores)]
+    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env_hub, **(env or {})})
 
 
 def _table9(results: Path, task: str) -> pd.DataFrame:
@@ -304,7 +307,7 @@ def _eval(results: Path, task: str, *parts: str) -> dict:
 
 @pytest.mark.e2e
 def test_every_paper_task_has_its_table_with_every_method(paper_run):
-    results, _, _ = paper_run
+    results, config, _ = paper_run
     for task in TASKS.values():
         table = _table9(results, task)
         variants = set(zip(table["variant"], table["fraction"].astype(str), strict=True))
@@ -335,6 +338,11 @@ def test_every_paper_task_has_its_table_with_every_method(paper_run):
         assert json.loads((results / task / "selection" / "permute" / "1of3.json").read_text())["device"] == cpu
         assert json.loads((results / task / "int8" / "base.json").read_text())["device"]["precision"] == "int8"
         assert (table["device"] == "cpu fp32").all(), table
+        # the fine-tunes kept their resume state under scratch_dir, expanded in the job, never under results
+        logs = [p.read_text() for p in (results / "logs" / task / "finetune").rglob("*.log")]
+        scratch = Path(config["scratch_dir"].replace("$FFMERGE_TEST_NODE", "node7")) / task / "finetune"
+        assert len(logs) >= 3 and all(f"resume state in {scratch}/" in log for log in logs), task
+        assert not (results / task / "work" / "finetune").exists()
 
 
 @pytest.mark.e2e

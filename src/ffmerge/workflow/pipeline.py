@@ -517,6 +517,7 @@ def run_finetune(
     recorded with the result.
     """
     task = get_task(cfg)
+    work_dir = expand_work_dir(work_dir)
     dev = resolve_device(device)
     model = load_model(model_dir, auto_class=task.auto_class, device=dev)
     ft = cfg["finetune"]
@@ -596,6 +597,19 @@ def run_finetune(
         # the finished model is saved; the resume state (weights plus AdamW moments) is only dead weight now
         shutil.rmtree(work_dir, ignore_errors=True)
     return extra
+
+
+def expand_work_dir(path: str | Path) -> Path:
+    """The fine-tune's resume-state folder with the job's environment variables expanded (config scratch_dir,
+    e.g. "/scratch/$USER/ffmerge"); one left unexpanded would make a folder literally named "$TMPDIR"."""
+    expanded = os.path.expanduser(os.path.expandvars(str(path)))
+    if "$" in expanded:
+        raise ValueError(
+            f"scratch_dir: {path} names an environment variable this job does not have; set it in the job's "
+            "environment or give scratch_dir a path without it"
+        )
+    log.info("resume state in %s", expanded)
+    return Path(expanded)
 
 
 # result-file fields that say how the metric was computed (translation: BLEU's sacrebleu signature etc.)
