@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from _host import matmul_gflops
 from transformers import GPT2Config, GPT2LMHeadModel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,21 +56,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--keep", type=Path, help="run the paper-type pipeline here and keep it (default: a temp dir)")
     p.add_argument("--out", type=Path, help="also write the figures as JSON here")
     return p.parse_args()
-
-
-def matmul_gflops() -> float:
-    """2048 x 2048 float32 matmul on one CPU thread, best of 5."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    a @ b
-    best = math.inf
-    for _ in range(5):
-        started = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - started)
-    torch.set_num_threads(threads)
-    return 2 * 2048**3 / best / 1e9
 
 
 # ------------------------------------------------------------------------------------------------------------

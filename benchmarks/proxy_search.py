@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 import yaml
+from _host import matmul_gflops
 from scipy.stats import spearmanr
 from snakemake.utils import validate
 
@@ -63,22 +64,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-subsample", action="store_true", help="skip the token-subsample check")
     p.add_argument("--out", type=Path, help="also write every row as JSON here")
     return p.parse_args()
-
-
-def matmul_gflops() -> float:
-    """2048 x 2048 float32 matmul on one thread, best of 5."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    for _ in range(2):
-        a @ b
-    best = math.inf
-    for _ in range(5):
-        started = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - started)
-    torch.set_num_threads(threads)
-    return 2 * 2048**3 / best / 1e9
 
 
 class RecordingScorer:

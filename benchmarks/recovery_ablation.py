@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import yaml
+from _host import matmul_gflops
 from snakemake.utils import validate
 
 from ffmerge.experiments import fraction_label
@@ -74,16 +75,6 @@ def parse_args() -> argparse.Namespace:
         help="instead of running: read --out files of earlier runs (one per task) and print one table",
     )
     return p.parse_args()
-
-
-def matmul_gflops(threads: int) -> float:
-    torch.set_num_threads(threads)
-    a = torch.randn(2048, 2048)
-    a @ a
-    started = time.perf_counter()
-    for _ in range(5):
-        a @ a
-    return 5 * 2 * 2048**3 / (time.perf_counter() - started) / 1e9
 
 
 def task_config(path: Path, task: str) -> tuple[dict, Path]:

@@ -140,8 +140,8 @@ def test_tables_print_the_device_and_where_training_differs_from_testing():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _train(tmp_path: Path, **changes) -> tuple[torch.nn.Module, FinetuneConfig]:
-    model = tiny_tied_llama()
+def _train(tmp_path: Path, model: torch.nn.Module | None = None, **changes) -> tuple[torch.nn.Module, FinetuneConfig]:
+    model = model or tiny_tied_llama()
     settings = dict(lr=3e-3, max_steps=4, batch_size=2, eval_every=2, checkpoint_every=2, seed=0, device="cpu")
     config = FinetuneConfig(**(settings | changes))
     finetune(
@@ -202,15 +202,7 @@ def test_gradient_checkpointing_trains_like_plain_backpropagation(tmp_path):
     plain, _ = _train(tmp_path / "plain")
     model = tiny_tied_llama()
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    config = FinetuneConfig(lr=3e-3, max_steps=4, batch_size=2, eval_every=2, checkpoint_every=2, seed=0, device="cpu")
-    finetune(
-        model,
-        loss_fn=causal_lm_loss,
-        get_batch=lm_batches(token_stream(4000, 1), batch_size=2, seq_len=SEQ_LEN, seed=0),
-        evaluate=validation_loss,
-        config=config,
-        work_dir=tmp_path / "checkpointed",
-    )
+    _train(tmp_path / "checkpointed", model)
     assert model.model.gradient_checkpointing
     for (name, x), (_, y) in zip(plain.state_dict().items(), model.state_dict().items(), strict=True):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)

@@ -942,13 +942,9 @@ def test_compressed_models_with_tie_random_reuse_the_permute_search():
     assert compressed_models(exp) == [("tie_random", "1of3", "best")]
 
 
-def test_dry_run_plans_tie_random_on_the_permute_search(default_config, tmp_path):
-    """A config with tie_random as its only method: the permute searches run (no tie_random search), every
-    tie_random model is compressed and fine-tuned as a control, and its compress jobs read no feature cache."""
-    config = copy.deepcopy(default_config)
-    config["tasks"] = {"lm": config["tasks"]["lm"]}
-    exp = config["tasks"]["lm"]["experiments"]
-    exp.update(methods=["tie_random"], fractions=["1/3", "1/2"], anchors=["first"], random_windows=0, int8=False)
+def _planned(config: dict, tmp_path: Path) -> tuple[Path, str, dict[str, int]]:
+    """Dry-run ``config`` into tmp_path/results: the results folder, Snakemake's output and the job counts, which
+    must be what the grid functions expect."""
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     results = tmp_path / "results"
     done = _dry_run(
@@ -959,6 +955,17 @@ def test_dry_run_plans_tie_random_on_the_permute_search(default_config, tmp_path
     counts = _job_counts(output)
     expected = _expected_counts(_validated(config))
     assert counts == expected | {"total": sum(expected.values())}
+    return results, output, counts
+
+
+def test_dry_run_plans_tie_random_on_the_permute_search(default_config, tmp_path):
+    """A config with tie_random as its only method: the permute searches run (no tie_random search), every
+    tie_random model is compressed and fine-tuned as a control, and its compress jobs read no feature cache."""
+    config = copy.deepcopy(default_config)
+    config["tasks"] = {"lm": config["tasks"]["lm"]}
+    exp = config["tasks"]["lm"]["experiments"]
+    exp.update(methods=["tie_random"], fractions=["1/3", "1/2"], anchors=["first"], random_windows=0, int8=False)
+    results, output, counts = _planned(config, tmp_path)
     assert counts["select_window"] == 2 and counts["compress"] == 2 and counts["finetune_control"] == 2
     assert "finetune" not in counts and "candidate" not in counts
     jobs = output.split("rule ")
@@ -978,16 +985,7 @@ def test_dry_run_plans_a_proxy_search_per_method_and_fraction(default_config, tm
     config = copy.deepcopy(default_config)
     config["tasks"] = {"lm": config["tasks"]["lm"]}
     config["tasks"]["lm"]["search"] = {"mode": "proxy"}
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    results = tmp_path / "results"
-    done = _dry_run(
-        tmp_path / "workdir", "--configfile", str(tmp_path / "config.yaml"), "--config", f"results_dir={results}"
-    )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    output = done.stdout + done.stderr
-    counts = _job_counts(output)
-    expected = _expected_counts(_validated(config))
-    assert counts == expected | {"total": sum(expected.values())}
+    results, output, counts = _planned(config, tmp_path)
     assert counts["select_window"] == 12 and counts["align"] == 1 and "candidate" not in counts
     searches = [job for job in output.split("rule ") if job.startswith("select_window:")]
     assert len(searches) == 12
