@@ -42,8 +42,11 @@ from .features import FeatureStore
 from .repair import MemberData, relative_error, store_data
 
 PROXY_TOKENS = 512
-"""Calibration positions the proxies use: on SmolLM2's permute 1/3 search, 512 of the 4,096 cached ones rank the
-windows as all of them do (Spearman 0.994, same top 3); ``benchmarks/proxy_search.py`` checks every merge search."""
+"""Calibration positions the proxies use. Measured on the default run's merge searches (benchmarks/proxy_search.py,
+2026-12-02): 512 of the cached positions rank the windows as all of them do with Spearman 0.92-1.00 (0.99 on
+SmolLM2's 1/3 searches, 1.00 on DINOv2 and Whisper) at about a sixth of the time on SmolLM2, though SmolLM2's
+permute 1/3 top 3 differs by one window. The proxy itself ranks far worse than that against validation (see
+docs/pipeline.md, "Proxy search")."""
 
 DESCRIPTIONS = {
     "merge": "local merge error: sum_l ||FF_merged(x_l) - FF_l(x_l)||^2 / sum_l ||FF_l(x_l)||^2 over the window's "
