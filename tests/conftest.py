@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -20,3 +21,15 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """Undo what ffmerge.workflow.jobs.job_logging does to the process (warnings captured into logging, the root
+    level) after a test that enters it, and check it left no handler on the root logger."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    yield
+    logging.captureWarnings(False)
+    root.setLevel(level)
+    assert root.handlers == handlers, "job_logging left a handler on the root logger"

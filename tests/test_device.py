@@ -83,9 +83,12 @@ def test_gpus_are_granted_by_the_rule_resource_or_by_slurm(no_gpu):
     assert device.granted_gpus() == (2, "SLURM_JOB_GPUS=0,3")
     assert device.grant_gpus({"gpu": 1}, environ={"SLURM_JOB_GPUS": "0,3"}) == 1  # the rule's request first
     assert device.grant_gpus({}, environ={"SLURM_GPUS_ON_NODE": "0"}) == 0
+    # the index lists: GPU 0 is one GPU
+    assert device.grant_gpus({}, environ={"SLURM_STEP_GPUS": "0"}) == 1
+    assert device.granted_gpus() == (1, "SLURM_STEP_GPUS=0")
 
 
-def test_every_job_script_grants_its_rules_gpu_resource(no_gpu, tmp_path):
+def test_every_job_script_grants_its_rules_gpu_resource(no_gpu, tmp_path, restore_logging):
     """snakemake_job is what every workflow script enters: a GPU rule's job then refuses a CPU fallback."""
     smk = SimpleNamespace(threads=1, log=[str(tmp_path / "job.log")], resources=SimpleNamespace())
     smk.resources.items = lambda: [("gpu", 1), ("mem_mb", 2000)]

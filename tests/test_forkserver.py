@@ -129,6 +129,20 @@ def test_without_a_server_the_job_runs_in_process(job, tmp_path):
     assert not usage_path(tmp_path / "job.log").exists()
 
 
+def test_a_job_removes_the_usage_scratch_a_killed_run_left_even_when_it_runs_in_process(job, tmp_path):
+    """A run killed while writing its usage record leaves a scratch copy; the next run of the job may not write the
+    record at all (no server), so it removes the copy when it starts."""
+    log = tmp_path / "job.log"
+    left = usage_path(log).with_name(f".{usage_path(log).name}.k1ll3d.tmp")
+    left.write_text('{"pid": 1')
+    unrelated = tmp_path / ".other.usage.json.abc.tmp"
+    unrelated.write_text("{")
+    run = _start(job, _job_env(str(tmp_path / "no-server.sock")), str(log), "exit", "0", cwd=tmp_path)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 0, err
+    assert not left.exists() and unrelated.exists()
+
+
 def test_a_job_whose_import_time_environment_differs_runs_in_process(server, job, tmp_path):
     env = _job_env(server.path, HF_HUB_OFFLINE="0" if os.environ.get("HF_HUB_OFFLINE") == "1" else "1")
     run = _start(job, env, str(tmp_path / "job.log"), "exit", "0", cwd=tmp_path)

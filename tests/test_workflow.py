@@ -619,16 +619,6 @@ def test_snakefile_runs_preflight_at_start_up(tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def restore_logging():
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    yield
-    logging.captureWarnings(False)
-    root.setLevel(level)
-    assert root.handlers == handlers, "job_logging left a handler on the root logger"
-
-
 def test_job_logging_sends_everything_to_the_log(tmp_path, restore_logging):
     log_path = tmp_path / "logs" / "nested" / "job.log"
     with job_logging(str(log_path)) as logger:

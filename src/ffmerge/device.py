@@ -45,9 +45,12 @@ def grant_gpus(resources: Mapping[str, Any] | None = None, environ: Mapping[str,
         source = f"resources {GPU_RESOURCE}={count}" if count else ""
     if not count:
         for key in SLURM_GPU_ENV:
-            value = environ.get(key, "")
-            if value and value not in ("0", "N/A"):
-                count = int(value) if value.isdigit() else len(value.split(","))
+            value = environ.get(key, "").strip()
+            if not value or value == "N/A":
+                continue
+            # SLURM_GPUS_ON_NODE is a count; SLURM_JOB_GPUS and SLURM_STEP_GPUS list GPU indices ("0" is one GPU)
+            count = int(value) if key == "SLURM_GPUS_ON_NODE" and value.isdigit() else len(value.split(","))
+            if count:
                 source = f"{key}={value}"
                 break
     _granted.update(count=count, source=source)

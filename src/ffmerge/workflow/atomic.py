@@ -54,7 +54,7 @@ def write_json(path: str | Path, data: Any) -> None:
     """Write JSON atomically so an interrupted job never leaves a file that looks finished."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(path.parent, f".{path.name}.", ".tmp")
+    remove_json_scratch(path)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, prefix=f".{path.name}.", suffix=".tmp") as f:
         try:
             json.dump(data, f, indent=2)
@@ -101,6 +101,13 @@ def atomic_output_dir(out_dir: str | Path, marker: str) -> Iterator[Path]:
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_json_scratch(path: str | Path) -> None:
+    """Delete the scratch copies a killed :func:`write_json` of ``path`` left; for a job that may end without
+    writing ``path`` again (the fork server's usage record), at its start."""
+    path = Path(path)
+    _remove_leftovers(path.parent, f".{path.name}.", ".tmp")
 
 
 def _remove_leftovers(folder: Path, prefix: str, suffix: str = "") -> None:

@@ -44,7 +44,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_json
+from .atomic import remove_json_scratch, write_json
 from .jobs import FORKED_ENV, die_with_snakemake, process_alive  # FORKED_ENV: delegate() runs in place
 
 SOCKET_ENV = "FFMERGE_FORK_SERVER"  # the server's socket path; set for the jobs of a local run
@@ -84,6 +84,8 @@ def delegate(smk: Any = None) -> None:
     if log:
         with contextlib.suppress(FileNotFoundError):
             usage_path(log).unlink()  # a stale record of an earlier forked run of this job
+        # and what a run killed while writing it left; this run may not write it again (no server: in-process)
+        remove_json_scratch(usage_path(log))
     path = os.environ.get(SOCKET_ENV)
     if not path:
         return
