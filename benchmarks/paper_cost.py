@@ -26,6 +26,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, MarianConfig, MarianMTMode
 
 from ffmerge.adapters import get_adapter
 from ffmerge.experiments import compressed_models, removed_count, window_starts
+from ffmerge.size import size_report
 
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 1024**3
@@ -62,10 +63,6 @@ def build(model_id: str) -> torch.nn.Module:
     raise ValueError(f"no architecture on file for {model_id}")
 
 
-def unique_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
 def ff_params(model: torch.nn.Module) -> dict[str, int]:
     """Parameters of one FF block per stack (every layer of a stack has the same)."""
     adapter = get_adapter(model)
@@ -89,7 +86,8 @@ def main() -> None:
         model = build(task["model"]["id"])
         adapter = get_adapter(model)
         layers = {s.name: adapter.num_layers(model, s.name) for s in adapter.stacks}
-        n_params = unique_params(model)
+        size = size_report(model)  # the tables' own accounting (shared tensors once), on the meta device
+        n_params = size.parameters
         embeddings = sum(p.numel() for n, p in model.named_parameters() if "embed" in n or "wte" in n or "wpe" in n)
         compute = n_params - embeddings  # parameters a token's forward multiplies by (the head counted below)
         d = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.d_model
@@ -145,9 +143,9 @@ def main() -> None:
             totals["jobs"] += jobs
             totals["gpu_h"] += hours
             print(f"| {name} | {stage} | {jobs} | {hours:,.2f} | {what} |")
-        model_bytes = n_params * 4
+        model_bytes = size.bytes
         removed = {s: removed_count(n, exp["fractions"][0]) for s, n in layers.items()}
-        merged_bytes = (n_params - sum(removed[s] * p for s, p in ff_params(model).items())) * 4
+        merged_bytes = model_bytes - sum(removed[s] * p for s, p in ff_params(model).items()) * 4
         kept = len(exp["fractions"]) + (1 if exp["finetune_baseline"] else 0) + 1  # + the base model
         disk_rows.append(
             f"| {name} | {n_params / 1e6:,.1f}M | {model_bytes / GIB:.2f} | {merged_bytes / GIB:.2f} | "

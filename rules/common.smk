@@ -34,7 +34,7 @@ def work_dir(subfolder):
     $TMPDIR or $USER are the job's own) when the config sets one."""
     scratch = config.get("scratch_dir")
     if not scratch:
-        return os.path.join(config["results_dir"], "{task}", "work", subfolder)
+        return os.path.join(R, "work", subfolder)
     return os.path.join(scratch, "{task}", subfolder)
 
 

@@ -320,10 +320,12 @@ def search_model(
     def build(model: nn.Module, start: int, plan: dict | None) -> dict:
         return compress(model, variant, fraction, start, features, plan, solved)
 
-    screen_share, screen_keep = (1.0, 1) if mode == "proxy" else (search_cfg["screen_share"], search_cfg["screen_keep"])
-    if mode == "proxy":
+    if mode != "proxy":
+        screen_share, screen_keep = search_cfg["screen_share"], search_cfg["screen_keep"]
+    else:  # the kept starts are scored in full (a proxy search's params hold no screening keys)
         from .. import proxy
 
+        screen_share, screen_keep = 1.0, 1
         if features is None:
             raise ValueError("search.mode proxy ranks windows from the feature cache: give it the features folder")
         started = time.perf_counter()
