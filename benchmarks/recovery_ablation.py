@@ -10,7 +10,9 @@ does), measures validation and test before fine-tuning, fine-tunes with the arm'
 
     python benchmarks/recovery_ablation.py --task lm --arms paper,ffdrop,drop,repair --steps 40 --lr 2e-4
 
-Arms (``--arms``, comma-separated names from ARMS below; ``--list`` prints them). Every arm of one run uses the
+Arms (``--arms``, comma-separated names from ARMS below; ``--list`` prints them; ``NAME@STEPS``, e.g.
+``repair+fold@30``, is arm NAME with that many repair steps; ``NAME@STEPS:LR`` also sets the repair's learning
+rate). Every arm of one run uses the
 same fine-tuning budget (``--steps``, the task's batch) and learning rate; ``+kd`` arms add distillation.
 Prints the host's float32 matmul speed first: compare times only within one run.
 """
@@ -106,6 +108,21 @@ def selection(cfg: dict, results: Path, work: Path, method: str, fraction: str) 
     return out
 
 
+def arm_named(name: str) -> dict[str, Any]:
+    """An arm of ARMS by name; ``NAME@STEPS`` overrides its repair steps, ``NAME@STEPS:LR`` also the repair's
+    learning rate (a repaired arm only)."""
+    base, _, override = name.partition("@")
+    arm = copy.deepcopy(ARMS[base])
+    if override:
+        if "repair" not in arm:
+            raise SystemExit(f"arm {base} has no repair to give {override} steps")
+        steps, _, lr = override.partition(":")
+        arm["repair"]["steps"] = int(steps)
+        if lr:
+            arm["repair"]["lr"] = float(lr)
+    return arm
+
+
 def run_arm(name: str, arm: dict, cfg: dict, results: Path, work: Path, args: argparse.Namespace) -> dict:
     arm_cfg = copy.deepcopy(cfg)
     arm_cfg["repair"] = {"enabled": False, **arm.get("repair", {})}  # the arm's options over the schema's defaults
@@ -199,8 +216,8 @@ def main() -> None:
     cfg, results_dir = task_config(args.config, args.task)
     results = (args.results or results_dir) / args.task
     work = args.work / args.task
-    arms = {n: ARMS[n] for n in args.arms.split(",") if n}
-    arms |= {f"{n}+kd": {**ARMS[n], "kd": args.kd_weight} for n in args.kd.split(",") if n}
+    arms = {n: arm_named(n) for n in args.arms.split(",") if n}
+    arms |= {f"{n}+kd": {**arm_named(n), "kd": args.kd_weight} for n in args.kd.split(",") if n}
     rows = []
     for name, arm in arms.items():
         row = run_arm(name, arm, cfg, results, work, args)

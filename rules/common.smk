@@ -2,7 +2,7 @@
 # rules only).
 import os
 
-from ffmerge.experiments import (MERGE_METHODS, compressed_models, fraction_label, parse_fraction_label, search_of,
+from ffmerge.experiments import (MERGES_WITH, compressed_models, fraction_label, parse_fraction_label, search_of,
                                  split_variant)
 from ffmerge.workflow.preflight import candidate_starts
 from ffmerge.workflow.settings import params_view
@@ -16,7 +16,7 @@ DEVICE = config["device"]
 wildcard_constraints:
     task="[A-Za-z0-9_-]+",
     search="permute|vanilla|drop|ffdrop",
-    variant="(permute|vanilla)(@(first|middle|last))?|drop|ffdrop|tie_random",
+    variant="(permute|vanilla)(@(first|middle|last))?|drop|ffdrop|tie_random|onewide|group",
     fraction="[0-9]+of[0-9]+|all-but-one",
     choice="best|random[0-9]+",
     start="[0-9]+",
@@ -77,9 +77,10 @@ def source_model_dir(task):
 
 def features_if_merge(wildcards):
     """Merges read the feature cache; permute merges also the pairs solved by rule align (in-process and proxy
-    searches). Deleting (drop, ffdrop) and tie_random (a fresh block, no alignment, no repair) read neither."""
-    method = wildcards.get("search") or split_variant(wildcards.get("variant", ""))[0]
-    if method not in MERGE_METHODS:
+    searches), and so do onewide (a permute merge of its shared stack) and group (a permute merge of its members).
+    Deleting (drop, ffdrop) and tie_random (a fresh block, no alignment, no repair) read neither."""
+    method = MERGES_WITH.get(wildcards.get("search") or split_variant(wildcards.get("variant", ""))[0])
+    if method is None:
         return {}
     inputs = {"features": f"{R}/features".format(task=wildcards.task)}
     if method == "permute" and config["tasks"][wildcards.task]["search"]["mode"] != "per_window":

@@ -159,11 +159,15 @@ def test_only_models_before_finetuning_and_the_controls_are_temporary(snakemake_
         assert not any(f.is_temp for f in snakemake_workflow.get_rule(kept).output), kept
 
 
-@pytest.mark.parametrize("extra_methods", [[], ["tie_random"]], ids=["default", "with-tie_random"])
+@pytest.mark.parametrize(
+    "extra_methods",
+    [[], ["tie_random"], ["onewide"], ["group"]],
+    ids=["default", "with-tie_random", "with-onewide", "with-group"],
+)
 def test_exactly_one_finetune_rule_matches_each_planned_model(snakemake_workflow, default_config, extra_methods):
     """finetune, finetune_control and finetune_random share one path pattern, told apart by their wildcard
-    constraints: every model the default grid plans (and the grid with the tie_random control added) must match
-    exactly one, and the chosen merge the kept rule."""
+    constraints: every model the default grid plans (and the grid with the tie_random control, One Wide FFN or the
+    similarity-group merge added) must match exactly one, and the chosen merge the kept rule."""
     rules = [snakemake_workflow.get_rule(n) for n in ("finetune", "finetune_control", "finetune_random")]
     results = snakemake_workflow.config["results_dir"]
     planned = set()
@@ -179,7 +183,8 @@ def test_exactly_one_finetune_rule_matches_each_planned_model(snakemake_workflow
             assert expected is not None or matching != ["finetune"], (target, matching)
     assert set(extra_methods) <= planned
     if extra_methods:  # a control: its fine-tuned model is a temp output (rule finetune_control)
-        target = f"{results}/lm/eval/tie_random/1of3/best/post.json"
+        fraction = "all-but-one" if extra_methods == ["onewide"] else "1of3"  # onewide: its own budget only
+        target = f"{results}/asr/eval/{extra_methods[0]}/{fraction}/best/post.json"
         assert [rule.name for rule in rules if rule.is_producer(target)] == ["finetune_control"]
 
 
@@ -267,7 +272,7 @@ def test_wildcard_constraints_accept_every_planned_model(snakemake_workflow):
     constraints = snakemake_workflow.wildcard_constraints
     grid = {
         "fractions": ["1/3", "1/2", "14/15", "all-but-one"],
-        "methods": ["permute", "vanilla", "drop", "ffdrop", "tie_random"],
+        "methods": ["permute", "vanilla", "drop", "ffdrop", "tie_random", "onewide", "group"],
         "anchors": ["first", "middle", "last"],
         "random_windows": 12,
     }
@@ -280,6 +285,35 @@ def test_wildcard_constraints_accept_every_planned_model(snakemake_workflow):
     # tie_random has no window search of its own: no selection/tie_random/... and no candidate jobs for it
     assert not re.fullmatch(constraints["search"], "tie_random")
     assert not re.fullmatch(constraints["variant"], "tie_random@middle")
+    assert not re.fullmatch(constraints["search"], "onewide")
+    assert not re.fullmatch(constraints["search"], "group")
+
+
+def test_onewide_builds_from_the_permute_search_with_features_and_alignment(snakemake_workflow):
+    """One Wide FFN merges its encoder like permute does (feature cache, solved pairs) on the permute search's
+    all-but-one window, and Table 9 lists it there only."""
+    from snakemake.iocontainers import Wildcards
+
+    functions = snakemake_workflow.globals
+    results = snakemake_workflow.config["results_dir"]
+    model = {"task": "asr", "fraction": "all-but-one", "choice": "best", "variant": "onewide"}
+    inputs = functions["features_if_merge"](Wildcards(fromdict=model))
+    assert inputs == {
+        "features": f"{results}/asr/features",
+        "alignment": f"{results}/asr/alignment/permute.safetensors",
+    }
+    # the similarity-group merge reads the same (its members are aligned to their anchor like a window's)
+    assert functions["features_if_merge"](Wildcards(fromdict={**model, "variant": "group"})) == inputs
+    (selection,) = [f for f in snakemake_workflow.get_rule("compress").input if callable(f)]
+    assert selection(Wildcards(fromdict=model)) == f"{results}/asr/selection/permute/all-but-one.json"
+    experiments = snakemake_workflow.config["tasks"]["asr"]["experiments"]
+    methods = experiments["methods"]
+    experiments["methods"] = [*methods, "onewide"]
+    try:
+        tables = functions["table_inputs"](Wildcards(fromdict={"task": "asr"}))
+    finally:
+        experiments["methods"] = methods
+    assert [p for p in tables["post"] if "/onewide/" in p] == [f"{results}/asr/eval/onewide/all-but-one/best/post.json"]
 
 
 def test_tie_random_builds_the_permute_window_without_features(snakemake_workflow):

@@ -39,6 +39,8 @@ class StackAlignment:
     """One stack's window ``[start, start + size)`` and how each member maps onto the anchor.
 
     ``perms[j][i]`` is the neuron of layer ``j`` placed at position ``i``, i.e. matched to anchor neuron ``i``.
+    A group of layers that need not be adjacent (:mod:`ffmerge.group`) lists them in ``members``; ``start`` and
+    ``size`` then span them.
     """
 
     stack: str
@@ -46,9 +48,12 @@ class StackAlignment:
     size: int
     anchor: int
     perms: dict[int, list[int]] = field(default_factory=dict)
+    members: list[int] | None = None
 
     @property
     def layers(self) -> list[int]:
+        if self.members is not None:
+            return list(self.members)
         return list(range(self.start, self.start + self.size))
 
 
@@ -63,6 +68,8 @@ class MergePlan:
         data = asdict(self)
         for s in data["stacks"]:
             s["perms"] = {str(k): v for k, v in s["perms"].items()}
+            if s["members"] is None:  # a window: the plan reads as it did before groups existed
+                del s["members"]
         return data
 
     def save(self, path: str | Path) -> None:
@@ -149,11 +156,44 @@ def align_window(
     n_layers = store.num_layers(stack)
     if size < 2 or start < 0 or start + size > n_layers:
         raise ValueError(f"window start={start} size={size} does not fit {stack} with {n_layers} layers")
-    anchor_idx = anchor_layer(start, size, anchor)
-    alignment = StackAlignment(stack=stack, start=start, size=size, anchor=anchor_idx)
+    alignment = StackAlignment(stack=stack, start=start, size=size, anchor=anchor_layer(start, size, anchor))
+    return _align(store, alignment, method, solved)
+
+
+def align_group(
+    store: FeatureStore,
+    stack: str,
+    members: Iterable[int],
+    *,
+    anchor: str = "first",
+    method: str = "permute",
+    solved: SolvedPairs | None = None,
+) -> StackAlignment:
+    """Like :func:`align_window` for layers that need not be adjacent; the anchor is the first, middle or last
+    member in layer order."""
+    if method not in METHODS:
+        raise ValueError(f"merge method must be one of {METHODS}, got {method!r}")
+    members = sorted(set(members))
+    n_layers = store.num_layers(stack)
+    if len(members) < 2 or members[0] < 0 or members[-1] >= n_layers:
+        raise ValueError(f"group {members} does not fit {stack} with {n_layers} layers (it needs 2 or more members)")
+    position = anchor_layer(0, len(members), anchor)
+    alignment = StackAlignment(
+        stack=stack,
+        start=members[0],
+        size=members[-1] - members[0] + 1,
+        anchor=members[position],
+        members=members,
+    )
+    return _align(store, alignment, method, solved)
+
+
+def _align(store: FeatureStore, alignment: StackAlignment, method: str, solved: SolvedPairs | None) -> StackAlignment:
+    """Fill in the permutation of every non-anchor member (none for vanilla)."""
     if method == "vanilla":
         return alignment
     solved = solved or {}
+    stack, anchor_idx = alignment.stack, alignment.anchor
     members = [j for j in alignment.layers if j != anchor_idx]
     fresh = _match_to_anchor(store, stack, anchor_idx, [j for j in members if (stack, anchor_idx, j) not in solved])
     alignment.perms = {j: fresh[j] if j in fresh else list(solved[(stack, anchor_idx, j)]) for j in members}

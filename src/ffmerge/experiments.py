@@ -5,6 +5,9 @@ Vocabulary used in paths and tables:
 - variant: "permute" or "vanilla" (merge, anchor first), "permute@middle" / "permute@last" (anchor ablation),
   "drop" (remove whole layers), "ffdrop" (delete FF sublayers only, the merge's exact-budget control),
   "tie_random" (the merge's tied structure with a freshly initialised shared block, :mod:`ffmerge.tie_random`),
+  "onewide" (One Wide FFN after training: one FF shared by the first stack, none in the others,
+  :mod:`ffmerge.onewide`; built at fraction "all-but-one" only), "group" (the merge of the layers with the most
+  alike FF outputs, adjacent or not, :mod:`ffmerge.group`),
   "base" (uncompressed).
 - choice: "best" (sliding-window search on validation) or "randomN" (the paper's random-window control).
 """
@@ -16,10 +19,15 @@ from fractions import Fraction
 
 ALL_BUT_ONE = "all-but-one"
 MERGE_METHODS = ("permute", "vanilla")
+# the merge each method builds its tied blocks with (a method missing here merges nothing)
+MERGES_WITH = {"permute": "permute", "vanilla": "vanilla", "onewide": "permute", "group": "permute"}
 DELETE_METHODS = ("drop", "ffdrop")
 # controls with no window search of their own: each builds the window another method's search chose (a search
 # would rank windows by scores that mean nothing for them: a random block's score before fine-tuning)
-REUSED_SEARCH = {"tie_random": "permute"}
+# (group: chosen from the feature cache; it needs only the permute search's fraction and features)
+REUSED_SEARCH = {"tie_random": "permute", "onewide": "permute", "group": "permute"}
+# methods with one budget of their own, built at this fraction only (whatever else experiments.fractions lists)
+OWN_BUDGET = {"onewide": ALL_BUT_ONE}
 
 
 def fraction_label(fraction: str) -> str:
@@ -89,7 +97,9 @@ def random_starts(starts: list[int], best: int, count: int, seed: int) -> list[i
 def compressed_models(experiments: dict) -> list[tuple[str, str, str]]:
     """Every (variant, fraction label, choice) that the config asks to build, fine-tune and evaluate."""
     fractions = experiments["fractions"]
-    models = [(m, fraction_label(f), "best") for f in fractions for m in experiments["methods"]]
+    methods = experiments["methods"]
+    models = [(m, fraction_label(f), "best") for f in fractions for m in methods if m not in OWN_BUDGET]
+    models += [(m, fraction_label(OWN_BUDGET[m]), "best") for m in methods if m in OWN_BUDGET]
     head = fraction_label(fractions[0])
     if "permute" in experiments["methods"]:
         models += [(f"permute@{a}", head, "best") for a in experiments["anchors"] if a != "first"]

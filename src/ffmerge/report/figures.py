@@ -58,18 +58,25 @@ ANCHORS = ("first", "middle", "last")
 SEARCH_ORDER = ("permute", "vanilla", "drop", "ffdrop")
 # controls built on another method's window (experiments.REUSED_SEARCH), listed after the searches; they are not in
 # the default grid, so a figure draws them where present and says nothing where absent
-CONTROL_ORDER = ("tie_random",)
+CONTROL_ORDER = ("tie_random", "onewide", "group")
 METHOD_ORDER = SEARCH_ORDER + CONTROL_ORDER
-# each method its own colour (room for all five)
+# each method its own colour (room for all seven)
 PALETTE = dict(zip(METHOD_ORDER, sns.color_palette("colorblind", len(METHOD_ORDER)), strict=True))
 # legend text where the method's name alone does not say what it removes
-SHORT_LABELS = {"ffdrop": "delete FF", "tie_random": "tie + random init"}
+SHORT_LABELS = {
+    "ffdrop": "delete FF",
+    "tie_random": "tie + random init",
+    "onewide": "One Wide FFN",
+    "group": "merge (similar group)",
+}
 LONG_LABELS = {
     "permute": "merge (permute)",
     "vanilla": "merge (vanilla)",
     "drop": "drop layers",
     "ffdrop": "delete FF sublayers",
     "tie_random": "tie + random init",
+    "onewide": "One Wide FFN (shared encoder FF, no decoder FF)",
+    "group": "merge of a similar group (not adjacent)",
 }
 # what a variant name in Table 9 means, where the name alone does not say it (a note under the table)
 VARIANT_NOTES = {
@@ -78,6 +85,16 @@ VARIANT_NOTES = {
         "removed), its shared FF block freshly initialised as the model family initialises it (task seed), no "
         "repair; then the same recovery fine-tuning. It tells how much of the merge's result comes from the merged "
         "weights"
+    ),
+    "onewide": (
+        "onewide = One Wide FFN after training (Pires et al. 2023): every encoder layer shares one FF block (the "
+        "permute merge of the whole encoder, repaired like the merges) and the decoder has no FF sublayers; its own "
+        "budget, listed under all-but-one, which it exceeds by the decoder's one remaining FF block"
+    ),
+    "group": (
+        "group = the permute merge (repaired like it) of as many layers as the fraction's window, chosen by "
+        "similarity instead of adjacency: the layers with the most alike FF outputs (linear CKA on the calibration "
+        "tokens, grown greedily from the most similar pair); layers lists the members"
     ),
 }
 ANCHOR_STYLES = {"first": "-", "middle": ":", "last": "-."}
@@ -284,7 +301,8 @@ def params_removed_figure(
     Dropping whole layers removes attention too, so it reaches a fraction with more parameters gone than the
     merge; ffdrop removes the merge's FF sublayers and nothing else, the same parameter budget. Where the config
     ran it, tie + random init (tie_random: the merge's window and ties, a freshly initialised shared block) is drawn
-    too, at the merge's parameter reduction; it is not in the default grid, so its absence is not noted."""
+    too, at the merge's parameter reduction, and so are the similarity-group merge (group, same reduction) and One
+    Wide FFN (onewide, one point at its own budget); none is in the default grid, so their absence is not noted."""
     fig, axes = _panels(len(results))
     notes: Notes = []
     series = {method: LONG_LABELS[method] for method in ("permute", "drop", "ffdrop", *CONTROL_ORDER)}

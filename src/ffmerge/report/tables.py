@@ -29,6 +29,21 @@ def layers_text(windows: dict[str, list[int]] | None) -> str:
     return "; ".join(parts)
 
 
+def groups_text(groups: dict[str, list[int]]) -> str:
+    """A similarity group's members, runs of adjacent layers joined, e.g. "3, 7, 9-12" (or per stack)."""
+    parts = []
+    for stack, members in groups.items():
+        runs: list[list[int]] = []
+        for j in sorted(members):
+            if runs and j == runs[-1][-1] + 1:
+                runs[-1].append(j)
+            else:
+                runs.append([j])
+        text = ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs)
+        parts.append(text if len(groups) == 1 else f"{stack} {text}")
+    return "; ".join(parts)
+
+
 def repair_text(repair: dict | None) -> str:
     """The local repair error of a merged model as Table 9 prints it: ``error_repaired`` (relative squared
     reconstruction error of the shared block over its window's members, 0 = exact) per stack, e.g. "0.52" or
@@ -108,7 +123,7 @@ def results_table(base: dict, rows: list[dict]) -> pd.DataFrame:
                 "fraction": r["fraction"],
                 "variant": r["variant"],
                 "choice": r["choice"],
-                "layers": layers_text(r["windows"]),
+                "layers": groups_text(r["groups"]) if r.get("groups") else layers_text(r["windows"]),
                 "ffs_removed": ffs,
                 "metric": r["metric"],
                 "test_before_ft": r.get("test_before_ft"),

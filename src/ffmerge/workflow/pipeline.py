@@ -20,13 +20,23 @@ import torch
 from torch import nn
 
 from ..adapters import get_adapter
-from ..align import MergePlan, SolvedPairs, anchor_layer, load_pairs, plan_merge, save_pairs, solve_pairs
+from ..align import (
+    MergePlan,
+    SolvedPairs,
+    align_group,
+    anchor_layer,
+    load_pairs,
+    plan_merge,
+    save_pairs,
+    solve_pairs,
+)
 from ..checkpoint import load_model, save_compressed
 from ..cka import cka_matrix
 from ..device import autocast, device_record, effective_precision
 from ..device import resolve_device as _resolve_device
 from ..drop import drop_layers
 from ..experiments import (
+    MERGES_WITH,
     parse_fraction_label,
     random_starts,
     split_variant,
@@ -36,7 +46,12 @@ from ..experiments import (
 from ..features import FeatureStore, cache_features
 from ..ffdrop import delete_ff, ffdrop_layers
 from ..finetune import FinetuneConfig, distillation_loss, finetune
+from ..group import METHOD as GROUP
+from ..group import SIMILARITY as GROUP_SIMILARITY
+from ..group import similar_groups
 from ..merge import apply_plan
+from ..onewide import METHOD as ONEWIDE
+from ..onewide import onewide_layout
 from ..repair import RepairConfig, merge_and_repair
 from ..size import size_report
 from ..tasks import get_task
@@ -147,6 +162,9 @@ def compress(
     ``repair`` refits each merged block to its members' original outputs (:mod:`ffmerge.repair`);
     ``calibration`` yields the calibration batches when the repair takes its inputs from the merged model.
     ``seed`` draws tie_random's fresh block; tie_random is never repaired (see :mod:`ffmerge.tie_random`).
+    ``onewide`` merges the first stack whole and deletes the other stacks' FF sublayers (:mod:`ffmerge.onewide`);
+    ``group`` merges the most alike layers instead of a window (:mod:`ffmerge.group`) and returns them as
+    ``groups`` with ``windows: None``.
     """
     method, anchor = split_variant(variant)
     windows = windows_at(method, stack_layers(model), fraction, start)
@@ -159,19 +177,41 @@ def compress(
     if method == "tie_random":
         tie_random(model, windows, seed)
         return {"windows": windows, "plan": None, "repair": None}
-    if plan is not None:
-        merge_plan = MergePlan.from_dict(plan)
-    elif features is None:
+    if method not in MERGES_WITH:
+        raise ValueError(f"unknown variant {variant!r}")
+    if features is None and plan is None:
         raise ValueError(f"variant {variant} needs cached features")
+    if plan is not None:  # a recorded plan rebuilds the merge exactly, without aligning anything again
+        merge_plan = MergePlan.from_dict(plan)
+    elif method == GROUP:
+        merge_plan = MergePlan(
+            method="permute",
+            feature=features.manifest["feature"],
+            stacks=[
+                align_group(features, s, members, anchor=anchor, solved=solved)
+                for s, members in similar_groups(features, stack_layers(model), fraction).items()
+            ],
+        )
+    elif method == ONEWIDE:
+        shared, _ = onewide_layout(stack_layers(model), fraction)
+        merge_plan = plan_merge(features, shared, anchor=anchor, method="permute", solved=solved)
     else:
         merge_plan = plan_merge(features, windows, anchor=anchor, method=method, solved=solved)
+    info = {"windows": windows, "plan": merge_plan.to_dict()}
     if repair is not None and repair.enabled:
         if features is None:
             raise ValueError(f"repairing {variant} needs the cached features")
-        report = merge_and_repair(model, merge_plan, features, repair, calibration=calibration)
-        return {"windows": windows, "plan": merge_plan.to_dict(), "repair": report}
-    apply_plan(model, merge_plan)
-    return {"windows": windows, "plan": merge_plan.to_dict()}
+        info["repair"] = merge_and_repair(model, merge_plan, features, repair, calibration=calibration)
+    else:
+        apply_plan(model, merge_plan)
+    if method == GROUP:
+        groups = {a.stack: a.layers for a in merge_plan.stacks}
+        return {**info, "windows": None, "groups": groups, "similarity": GROUP_SIMILARITY}
+    if method == ONEWIDE:
+        _, deleted = onewide_layout(stack_layers(model), fraction)
+        delete_ff(model, deleted)  # after the repair, which reads only the shared stack's cached features
+        return {**info, "deleted_ff": deleted}
+    return info
 
 
 def align(cfg: dict, features_dir: Path, out_path: Path) -> int:
@@ -488,8 +528,9 @@ def build_compressed(
         "variant": variant,
         "fraction": selection["fraction"],
         "choice": choice,
-        "start": start,
+        "start": start if info["windows"] is not None else None,  # a similarity group has no window start
         "windows": info["windows"],
+        **({"groups": info["groups"], "similarity": info["similarity"]} if info.get("groups") else {}),
         "plan": info["plan"],
         "repair": info.get("repair"),
         "parameters_before": before,
@@ -665,6 +706,7 @@ def _write_test_record(
         **_metric_details(task),
         "size": size_report(model).as_dict(),
         **{k: extra.get(k) for k in ("variant", "fraction", "choice", "start", "windows", "repair", "finetune")},
+        **({"groups": extra["groups"]} if extra.get("groups") else {}),
         "device": device_record(dev, precision),
     }
     write_json(out_json, result)
