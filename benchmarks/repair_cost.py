@@ -42,28 +42,13 @@ from ffmerge.workflow.pipeline import stack_layers
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def per_member_fit(adapter, model, stack, anchor, data, cfg) -> list[float]:
+def per_member_error(block, data, picks) -> torch.Tensor:
     """The earlier formulation: one block pass per member, the members' mean errors summed."""
-    modules = adapter.ff_modules(model, stack, anchor)
-    params = list({id(p): p for m in modules.values() for p in m.parameters()}.values())
-    block = adapter.ff_forward(model, stack, anchor)
-    energy = sum(float(data.y[j].pow(2).sum(1).mean()) for j in data.layers)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    per_member = -(-cfg.batch_tokens // len(data.layers))
-    optimizer = torch.optim.Adam(params, lr=cfg.lr)
-    losses = []
-    with torch.enable_grad():
-        for _ in range(cfg.steps):
-            optimizer.zero_grad(set_to_none=True)
-            loss = 0.0
-            for j in data.layers:
-                pick = torch.randint(len(data.x[j]), (per_member,), generator=generator)
-                loss = loss + (block(data.x[j][pick]) - data.y[j][pick]).pow(2).sum(1).mean()
-            loss = loss / energy
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-    return losses
+    return sum((block(data.x[j][pick]) - data.y[j][pick]).pow(2).sum(1).mean() for j, pick in picks)
+
+
+def per_member_fit(adapter, model, stack, anchor, data, cfg) -> list[float]:
+    return fit_block(adapter, model, stack, anchor, data, cfg, error=per_member_error)
 
 
 def main() -> None:

@@ -118,14 +118,28 @@ def selection_inputs(wildcards):
     return {key: path.format(task=wildcards.task) for key, path in paths.items()}
 
 
+def candidate_cfg(wildcards):
+    """Rule candidate's params: the selection block; a merge whose candidates are repaired (search.repair) also
+    the repair block and that flag, so a config without search.repair leaves finished candidates as they are."""
+    params = task_cfg("selection")(wildcards)
+    cfg = config["tasks"][wildcards.task]
+    if cfg["search"].get("repair") and wildcards.search in MERGES_WITH:
+        params |= {"search": {"repair": True}, "repair": params_view("repair", cfg["repair"])}
+    return params
+
+
 def search_cfg(wildcards):
     """Rule select_window's params: the selection block and the search keys its mode reads, so that a key only
     another mode reads leaves a finished search as it is (proxy_keep, added to the schema after runs of the other
-    modes existed, would otherwise rerun every search of them and everything built on it)."""
+    modes existed, would otherwise rerun every search of them and everything built on it). A merge search that
+    repairs its candidates (search.repair) also gets the repair block."""
     params = task_cfg("selection", "search")(wildcards)
     search = params["search"]
     unused = ("screen_share", "screen_keep") if search["mode"] == "proxy" else ("proxy_keep",)
-    return {**params, "search": {key: value for key, value in search.items() if key not in unused}}
+    params = {**params, "search": {key: value for key, value in search.items() if key not in unused}}
+    if search.get("repair") and wildcards.search in MERGES_WITH:  # candidates are built with the repair block
+        params["repair"] = params_view("repair", config["tasks"][wildcards.task]["repair"])
+    return params
 
 
 # ---- per-task tables (rules/tables.smk) ----

@@ -11,7 +11,7 @@ rule candidate:
     output:
         f"{R}/candidates/{{search}}/{{fraction}}/start{{start}}.json",
     params:
-        cfg=task_cfg("selection"),
+        cfg=candidate_cfg,  # the selection block (and the repair block where search.repair repairs candidates)
         device=DEVICE,
     log:
         f"{LOGS}/candidate/{{search}}/{{fraction}}/start{{start}}.log",

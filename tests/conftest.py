@@ -33,3 +33,24 @@ def restore_logging() -> Iterator[None]:
     logging.captureWarnings(False)
     root.setLevel(level)
     assert root.handlers == handlers, "job_logging left a handler on the root logger"
+
+
+@pytest.fixture(scope="module")
+def family_stores(tmp_path_factory):
+    """``get(name)``: a family's tiny model, its inputs and a feature cache of 120 calibration tokens (every kind,
+    repair's included), built on first use and kept for the module."""
+    from families import build, calibration_batches
+
+    from ffmerge.features import cache_features
+
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            model, inputs = build(name)
+            folder = tmp_path_factory.mktemp(f"feat-{name}")
+            store = cache_features(model, calibration_batches(name, 40), folder, n_tokens=120, progress=False)
+            cache[name] = model, inputs, store
+        return cache[name]
+
+    return get

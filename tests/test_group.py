@@ -9,15 +9,13 @@ import copy
 import numpy as np
 import pytest
 import torch
-from families import FAMILIES, build
-from families import calibration_batches as _batches
+from families import FAMILIES
 
 from ffmerge.adapters import get_adapter
 from ffmerge.align import MergePlan, align_group
 from ffmerge.checkpoint import load_compressed, save_compressed, tie_map
 from ffmerge.cka import cka_matrix
 from ffmerge.experiments import window_size
-from ffmerge.features import cache_features
 from ffmerge.group import similar_group, similar_groups
 from ffmerge.merge import apply_plan, ff_block_groups
 from ffmerge.repair import RepairConfig
@@ -25,20 +23,6 @@ from ffmerge.report.tables import groups_text
 from ffmerge.workflow import pipeline
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory):
-    cache = {}
-
-    def get(name: str):
-        if name not in cache:
-            model, inputs = build(name)
-            folder = tmp_path_factory.mktemp(f"feat-{name}")
-            cache[name] = model, inputs, cache_features(model, _batches(name, 40), folder, n_tokens=120, progress=False)
-        return cache[name]
-
-    return get
 
 
 def test_the_group_grows_from_the_most_similar_pair():
@@ -59,8 +43,8 @@ def test_the_group_grows_from_the_most_similar_pair():
 
 
 @pytest.mark.parametrize("name", ["llama", "whisper"])
-def test_a_non_adjacent_group_ties_exactly_its_members_and_survives_save_and_load(name, stores, tmp_path):
-    model, inputs, store = stores(name)
+def test_a_non_adjacent_group_ties_exactly_its_members_and_survives_save_and_load(name, family_stores, tmp_path):
+    model, inputs, store = family_stores(name)
     adapter = get_adapter(model)
     members = [0, 2, 3]
     plan = MergePlan(
@@ -87,8 +71,8 @@ def test_a_non_adjacent_group_ties_exactly_its_members_and_survives_save_and_loa
 
 
 @pytest.mark.parametrize("name", ["llama", "whisper"])
-def test_the_group_method_removes_what_the_window_merge_removes_and_rebuilds_exactly(name, stores):
-    model, _, store = stores(name)
+def test_the_group_method_removes_what_the_window_merge_removes_and_rebuilds_exactly(name, family_stores):
+    model, _, store = family_stores(name)
     adapter = get_adapter(model)
     layers = {s.name: adapter.num_layers(model, s.name) for s in adapter.stacks}
     repair = RepairConfig(enabled=True, steps=3)
@@ -116,12 +100,12 @@ def test_table_9_prints_the_members():
     assert groups_text({"encoder": [0, 2], "decoder": [1, 2]}) == "encoder 0, 2; decoder 1-2"
 
 
-def test_table9_and_figure3_show_the_group_at_the_window_merges_parameter_reduction(stores):
+def test_table9_and_figure3_show_the_group_at_the_window_merges_parameter_reduction(family_stores):
     from ffmerge.report import figures
     from ffmerge.report.tables import results_table
     from ffmerge.size import size_report
 
-    model, _, store = stores("llama")
+    model, _, store = family_stores("llama")
     grouped, window = copy.deepcopy(model), copy.deepcopy(model)
     info = pipeline.compress(grouped, "group", "1/2", 0, store)
     plain = pipeline.compress(window, "permute", "1/2", 0, store)

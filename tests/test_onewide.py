@@ -8,13 +8,11 @@ import copy
 
 import pytest
 import torch
-from families import FAMILIES, build
-from families import calibration_batches as _batches
+from families import FAMILIES
 
 from ffmerge.adapters import get_adapter
 from ffmerge.checkpoint import load_compressed, save_compressed
 from ffmerge.experiments import compressed_models, search_of
-from ffmerge.features import cache_features
 from ffmerge.ffdrop import deleted_ff
 from ffmerge.repair import RepairConfig
 from ffmerge.size import size_report
@@ -25,28 +23,14 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ENCODER_DECODERS = ("marian", "whisper")
 
 
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory):
-    cache = {}
-
-    def get(name: str):
-        if name not in cache:
-            model, inputs = build(name)
-            folder = tmp_path_factory.mktemp(f"feat-{name}")
-            cache[name] = model, inputs, cache_features(model, _batches(name, 40), folder, n_tokens=120, progress=False)
-        return cache[name]
-
-    return get
-
-
 def _ff_params(model: torch.nn.Module, stack: str, layer: int) -> int:
     return sum(p.numel() for m in get_adapter(model).ff_modules(model, stack, layer).values() for p in m.parameters())
 
 
 @pytest.mark.parametrize("name", ENCODER_DECODERS)
 @pytest.mark.parametrize("repair", [False, True])
-def test_one_shared_encoder_ff_and_no_decoder_ff(name, repair, stores, tmp_path):
-    model, inputs, store = stores(name)
+def test_one_shared_encoder_ff_and_no_decoder_ff(name, repair, family_stores, tmp_path):
+    model, inputs, store = family_stores(name)
     adapter = get_adapter(model)
     n = {s.name: adapter.num_layers(model, s.name) for s in adapter.stacks}
     expected = model.num_parameters() - sum(_ff_params(model, "encoder", j) for j in range(1, n["encoder"]))
@@ -79,8 +63,8 @@ def test_one_shared_encoder_ff_and_no_decoder_ff(name, repair, stores, tmp_path)
 
 
 @pytest.mark.parametrize("name", ["llama", "dinov2"])
-def test_on_a_single_stack_it_is_the_all_but_one_permute_merge(name, stores):
-    model, _, store = stores(name)
+def test_on_a_single_stack_it_is_the_all_but_one_permute_merge(name, family_stores):
+    model, _, store = family_stores(name)
     wide, merged = copy.deepcopy(model), copy.deepcopy(model)
     a = pipeline.compress(wide, "onewide", "all-but-one", 0, store)
     b = pipeline.compress(merged, "permute", "all-but-one", 0, store)
@@ -90,8 +74,8 @@ def test_on_a_single_stack_it_is_the_all_but_one_permute_merge(name, stores):
         assert torch.equal(p, q), k
 
 
-def test_built_at_its_own_budget_only(stores):
-    model, _, store = stores("whisper")
+def test_built_at_its_own_budget_only(family_stores):
+    model, _, store = family_stores("whisper")
     with pytest.raises(ValueError, match="all-but-one"):
         pipeline.compress(copy.deepcopy(model), "onewide", "1/3", 0, store)
     grid = compressed_models(
@@ -102,11 +86,11 @@ def test_built_at_its_own_budget_only(stores):
     assert search_of("onewide") == "permute"
 
 
-def test_table9_and_figure3_show_onewide_at_its_own_parameter_reduction(stores):
+def test_table9_and_figure3_show_onewide_at_its_own_parameter_reduction(family_stores):
     from ffmerge.report import figures
     from ffmerge.report.tables import results_table
 
-    model, _, store = stores("whisper")
+    model, _, store = family_stores("whisper")
     wide, merged = copy.deepcopy(model), copy.deepcopy(model)
     built = {
         "onewide": (wide, pipeline.compress(wide, "onewide", "all-but-one", 0, store)),

@@ -142,3 +142,33 @@ def test_replay_context_leaves_every_config_field_as_it_was(name):
     with start_at(model, stack, 2, []):
         assert model.config.to_dict() != before
     assert model.config.to_dict() == before
+
+
+def test_a_repairing_search_scores_each_candidate_as_the_compress_step_builds_it(tmp_path):
+    """search.repair: every candidate is the repaired merge (scores equal a full pass over the repaired model, and
+    differ from the plain merge's); the proxy's ranking and the plain search are unchanged without it."""
+    from ffmerge.repair import RepairConfig
+
+    base, store = _setup("llama", tmp_path)
+    repair = RepairConfig(enabled=True, steps=5)
+    scorer = _scorer()
+    task = type("Task", (), {"higher_is_better": False, "metric": "ppl"})()
+    search = {"mode": "in_process", "screen_share": 1.0, "screen_keep": 1, "max_tapes": 0}
+    kwargs = {"reuse": True, "log_fn": str}
+    rows, record = pipeline.search_model(task, base, scorer, store, "permute", "1/2", search, repair=repair, **kwargs)
+    plain, plain_record = pipeline.search_model(task, base, scorer, store, "permute", "1/2", search, **kwargs)
+    assert record["repair"]["steps"] == 5 and "repair" not in plain_record
+    for row, plain_row in zip(rows, plain, strict=True):
+        repaired = copy.deepcopy(base)
+        pipeline.compress(repaired, "permute", "1/2", row["start"], store, repair=repair)
+        assert row["valid"] == pytest.approx(scorer.metric(scorer.run(repaired)), rel=1e-5)
+        assert row["valid"] != plain_row["valid"]  # without the repair the same replay gives the same bits
+
+
+def test_search_repair_needs_the_repair_enabled_and_concerns_merges_only():
+    cfg = {"seed": 0, "search": {"repair": True}, "repair": {"enabled": False}}
+    with pytest.raises(ValueError, match="repair.enabled is false"):
+        pipeline._search_repair(cfg, "permute")
+    assert pipeline._search_repair(cfg, "ffdrop") is None
+    assert pipeline._search_repair({"seed": 0, "repair": {"enabled": True}}, "permute") is None  # the default: off
+    assert pipeline._search_repair({**cfg, "repair": {"enabled": True, "steps": 7}}, "vanilla").steps == 7

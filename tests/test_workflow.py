@@ -289,6 +289,19 @@ def test_wildcard_constraints_accept_every_planned_model(snakemake_workflow):
     assert not re.fullmatch(constraints["search"], "group")
 
 
+def _table_inputs_with(snakemake_workflow, task: str, method: str) -> dict:
+    """Rule tables' inputs for ``task`` with ``method`` added to its experiments.methods (restored afterwards)."""
+    from snakemake.iocontainers import Wildcards
+
+    experiments = snakemake_workflow.config["tasks"][task]["experiments"]
+    methods = experiments["methods"]
+    experiments["methods"] = [*methods, method]
+    try:
+        return snakemake_workflow.globals["table_inputs"](Wildcards(fromdict={"task": task}))
+    finally:
+        experiments["methods"] = methods
+
+
 def test_onewide_builds_from_the_permute_search_with_features_and_alignment(snakemake_workflow):
     """One Wide FFN merges its encoder like permute does (feature cache, solved pairs) on the permute search's
     all-but-one window, and Table 9 lists it there only."""
@@ -306,13 +319,7 @@ def test_onewide_builds_from_the_permute_search_with_features_and_alignment(snak
     assert functions["features_if_merge"](Wildcards(fromdict={**model, "variant": "group"})) == inputs
     (selection,) = [f for f in snakemake_workflow.get_rule("compress").input if callable(f)]
     assert selection(Wildcards(fromdict=model)) == f"{results}/asr/selection/permute/all-but-one.json"
-    experiments = snakemake_workflow.config["tasks"]["asr"]["experiments"]
-    methods = experiments["methods"]
-    experiments["methods"] = [*methods, "onewide"]
-    try:
-        tables = functions["table_inputs"](Wildcards(fromdict={"task": "asr"}))
-    finally:
-        experiments["methods"] = methods
+    tables = _table_inputs_with(snakemake_workflow, "asr", "onewide")
     assert [p for p in tables["post"] if "/onewide/" in p] == [f"{results}/asr/eval/onewide/all-but-one/best/post.json"]
 
 
@@ -331,13 +338,7 @@ def test_tie_random_builds_the_permute_window_without_features(snakemake_workflo
     (selection,) = [f for f in snakemake_workflow.get_rule("compress").input if callable(f)]
     wildcards = Wildcards(fromdict={**model, "variant": "tie_random"})
     assert selection(wildcards) == f"{results}/lm/selection/permute/1of3.json"
-    experiments = snakemake_workflow.config["tasks"]["lm"]["experiments"]
-    methods = experiments["methods"]
-    experiments["methods"] = [*methods, "tie_random"]
-    try:
-        inputs = functions["table_inputs"](Wildcards(fromdict={"task": "lm"}))
-    finally:
-        experiments["methods"] = methods
+    inputs = _table_inputs_with(snakemake_workflow, "lm", "tie_random")
     for fraction in ("1of3", "1of2", "all-but-one"):
         for stage in ("pre", "post"):
             assert f"{results}/lm/eval/tie_random/{fraction}/best/{stage}.json" in inputs[stage]
@@ -1032,7 +1033,8 @@ def test_select_window_params_hold_only_the_search_keys_of_its_mode(snakemake_wo
     saved = copy.deepcopy(search)
     try:
         assert search["mode"] == "in_process" and "proxy_keep" in search  # filled in by the schema
-        assert cfg(wildcards)["search"] == {k: v for k, v in search.items() if k != "proxy_keep"}
+        # (and search.repair at its default, a key added after runs existed: ffmerge.workflow.settings)
+        assert cfg(wildcards)["search"] == {k: v for k, v in search.items() if k not in ("proxy_keep", "repair")}
         assert set(cfg(wildcards)) == {"type", "seed", "selection", "search"}
         search["mode"] = "proxy"
         assert cfg(wildcards)["search"] == {
@@ -1075,6 +1077,29 @@ def test_rule_params_leave_out_later_keys_at_their_default(snakemake_workflow):
         assert cfg(wildcards)["evaluation"]["precision"] == "bf16"
     finally:
         task["evaluation"] = saved
+
+
+def test_a_repairing_search_depends_on_the_repair_block_for_merges_only(snakemake_workflow):
+    """search.repair: true puts the repair block into the params of the merge searches (select_window and
+    candidate), so editing the repair reruns them; deletion searches and the default config do not depend on it."""
+    from snakemake.iocontainers import Wildcards
+
+    task = snakemake_workflow.config["tasks"]["lm"]
+    rules = {name: snakemake_workflow.get_rule(name) for name in ("select_window", "candidate")}
+    params = {name: next(v for n, v in r.params.items() if n == "cfg") for name, r in rules.items()}
+
+    def cfg(rule, search):
+        return params[rule](Wildcards(fromdict={"task": "lm", "search": search, "fraction": "1of3", "start": "0"}))
+
+    assert all("repair" not in cfg(rule, "permute") for rule in params)
+    saved = copy.deepcopy(task["search"])
+    try:
+        task["search"]["repair"] = True
+        for rule in params:
+            assert cfg(rule, "permute")["repair"] == task["repair"] and cfg(rule, "permute")["search"]["repair"]
+            assert "repair" not in cfg(rule, "ffdrop")
+    finally:
+        task["search"] = saved
 
 
 def test_compressed_models_without_permute_has_no_ablations():

@@ -297,16 +297,35 @@ def lstsq_output(adapter: ModelAdapter, model: nn.Module, stack: str, anchor: in
         out.bias.copy_(solution[-1].to(out.bias.dtype))
 
 
+Picks = list[tuple[int, torch.Tensor]]
+"""One step's positions: ``(member layer, row indices into its cached inputs)`` for every member."""
+
+
+def batched_error(block: Callable[[torch.Tensor], torch.Tensor], data: MemberData, picks: Picks) -> torch.Tensor:
+    """The sum over members of each member's mean squared error on its picked positions.
+
+    Every member has the same number of positions per step, so that sum is the error summed over the
+    concatenated rows divided by that number: one pass of the block over all members' rows instead of one
+    small pass per member (on SmolLM2's 11-layer window, 1,540 rows in one matmul instead of 11 of 140: 0.30
+    against 0.32-0.39 s per step on one thread at 82 GFLOPS, losses equal to 2e-7, ``benchmarks/repair_cost.py``).
+    """
+    x = torch.cat([data.x[j][pick] for j, pick in picks])
+    y = torch.cat([data.y[j][pick] for j, pick in picks])
+    return (block(x) - y).pow(2).sum() / len(picks[0][1])
+
+
 def fit_block(
-    adapter: ModelAdapter, model: nn.Module, stack: str, anchor: int, data: MemberData, cfg: RepairConfig
+    adapter: ModelAdapter,
+    model: nn.Module,
+    stack: str,
+    anchor: int,
+    data: MemberData,
+    cfg: RepairConfig,
+    error: Callable[[Callable[[torch.Tensor], torch.Tensor], MemberData, Picks], torch.Tensor] = batched_error,
 ) -> list[float]:
     """Adam on the shared block's parameters against the summed relative error; returns the loss per step.
 
-    Every member contributes the same number of positions per step, so the sum of the members' mean errors is
-    the error summed over the concatenated batch divided by that number: one pass of the block over all
-    members' rows instead of one small pass per member (on SmolLM2's 11-layer window, 1,540 rows in one
-    matmul instead of 11 of 140: 0.30 against 0.32-0.39 s per step on one thread at 82 GFLOPS, with the same
-    draws and losses equal to 2e-7, ``benchmarks/repair_cost.py``).
+    ``error`` computes a step's summed error from the drawn positions (a benchmark passes the per-member form).
     """
     modules = adapter.ff_modules(model, stack, anchor)
     params = list({id(p): p for m in modules.values() for p in m.parameters()}.values())
@@ -320,9 +339,7 @@ def fit_block(
         for _ in range(cfg.steps):
             optimizer.zero_grad(set_to_none=True)
             picks = [(j, torch.randint(len(data.x[j]), (per_member,), generator=generator)) for j in data.layers]
-            x = torch.cat([data.x[j][pick] for j, pick in picks])
-            y = torch.cat([data.y[j][pick] for j, pick in picks])
-            loss = (block(x) - y).pow(2).sum() / (per_member * energy)
+            loss = error(block, data, picks) / energy
             loss.backward()
             optimizer.step()
             losses.append(loss.item())

@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from ..device import autocast, device_record, effective_precision
 from ..device import resolve_device as _resolve_device
 from ..drop import drop_layers
 from ..experiments import (
+    MERGE_METHODS,
     MERGES_WITH,
     parse_fraction_label,
     random_starts,
@@ -260,7 +262,7 @@ def candidate(
     model = load_model(model_dir, auto_class=task.auto_class, device=dev)
     fraction = parse_fraction_label(fraction_label)
     features = FeatureStore.open(features_dir) if features_dir else None
-    info = compress(model, variant, fraction, start, features)
+    info = compress(model, variant, fraction, start, features, repair=_search_repair(cfg, variant))
     precision = scoring_precision(cfg, "selection", dev)
     metric = _score(task, model, data_dir, "valid", "selection", dev, precision)
     result = {
@@ -315,9 +317,23 @@ def search(
         cfg["search"],
         reuse=reuse,
         solved=_solved(alignments, features),
+        repair=_search_repair(cfg, variant),
     )
     record["device"] = device_record(dev, precision)
     return _write_selection(rows, task, out_json, _metric_details(task), record)
+
+
+def _search_repair(cfg: dict, variant: str) -> RepairConfig | None:
+    """The repair a search applies to its candidates (``search.repair``, merges only), or None."""
+    if not setting(cfg, "search", "repair") or split_variant(variant)[0] not in MERGE_METHODS:
+        return None
+    repair = RepairConfig.from_cfg(cfg.get("repair"), cfg["seed"])
+    if not repair.enabled:
+        raise ValueError(
+            "search.repair: true scores repaired candidates, but repair.enabled is false; enable the repair or set "
+            "search.repair to false"
+        )
+    return repair
 
 
 def selection_scorer(
@@ -342,13 +358,16 @@ def search_model(
     *,
     reuse: bool = True,
     solved: SolvedPairs | None = None,
+    repair: RepairConfig | None = None,
     log_fn: Callable[[str], Any] = log.info,
 ) -> tuple[list[dict], dict]:
     """The search of :func:`search` on a loaded model: the scored rows and what the record adds to them.
 
     ``proxy`` mode scores every start with :func:`ffmerge.proxy.proxy_scores`, then runs the in-process search
     (no screening) on the ``proxy_keep`` best only; the record keeps every start's proxy score, the starts
-    evaluated and how the proxy ranked them (``proxy``: what it measures, tokens, keep, seconds).
+    evaluated and how the proxy ranked them (``proxy``: what it measures, tokens, keep, seconds). With
+    ``repair`` (``search.repair``) every scored candidate is repaired first, as the compress step will repair
+    the chosen one; the proxy still ranks the plain merges.
     """
     from ..search import search_windows
 
@@ -359,6 +378,9 @@ def search_model(
 
     def build(model: nn.Module, start: int, plan: dict | None) -> dict:
         return compress(model, variant, fraction, start, features, plan, solved)
+
+    def build_scored(model: nn.Module, start: int, plan: dict | None) -> dict:
+        return compress(model, variant, fraction, start, features, plan, solved, repair=repair)
 
     if mode != "proxy":
         screen_share, screen_keep = search_cfg["screen_share"], search_cfg["screen_keep"]
@@ -385,10 +407,12 @@ def search_model(
             "evaluated": kept,
         }
         starts = kept
+    if repair is not None:
+        record["repair"] = {k: v for k, v in asdict(repair).items() if k != "enabled"}
     results = search_windows(
         base,
         scorer,
-        build,
+        build_scored,
         starts,
         higher_is_better=task.higher_is_better,
         reuse=reuse,

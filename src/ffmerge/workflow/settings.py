@@ -15,6 +15,7 @@ from typing import Any
 
 LATER_DEFAULTS: dict[str, dict[str, Any]] = {
     "selection": {"precision": "fp32"},
+    "search": {"repair": False},
     "evaluation": {"precision": "fp32"},
     "finetune": {
         "precision": "fp32",
