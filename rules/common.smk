@@ -118,14 +118,20 @@ def selection_inputs(wildcards):
     return {key: path.format(task=wildcards.task) for key, path in paths.items()}
 
 
-def candidate_cfg(wildcards):
-    """Rule candidate's params: the selection block; a merge whose candidates are repaired (search.repair) also
-    the repair block and that flag, so a config without search.repair leaves finished candidates as they are."""
-    params = task_cfg("selection")(wildcards)
+def search_repair(wildcards):
+    """The repair block as a search's params hold it: only a merge search that repairs its candidates
+    (search.repair) has one, so a config without search.repair leaves finished searches as they are."""
     cfg = config["tasks"][wildcards.task]
     if cfg["search"].get("repair") and wildcards.search in MERGES_WITH:
-        params |= {"search": {"repair": True}, "repair": params_view("repair", cfg["repair"])}
-    return params
+        return {"repair": params_view("repair", cfg["repair"])}
+    return {}
+
+
+def candidate_cfg(wildcards):
+    """Rule candidate's params: the selection block, and for repaired candidates the flag and the repair block."""
+    params = task_cfg("selection")(wildcards)
+    repair = search_repair(wildcards)
+    return {**params, "search": {"repair": True}, **repair} if repair else params
 
 
 def search_cfg(wildcards):
@@ -136,10 +142,8 @@ def search_cfg(wildcards):
     params = task_cfg("selection", "search")(wildcards)
     search = params["search"]
     unused = ("screen_share", "screen_keep") if search["mode"] == "proxy" else ("proxy_keep",)
-    params = {**params, "search": {key: value for key, value in search.items() if key not in unused}}
-    if search.get("repair") and wildcards.search in MERGES_WITH:  # candidates are built with the repair block
-        params["repair"] = params_view("repair", config["tasks"][wildcards.task]["repair"])
-    return params
+    searched = {key: value for key, value in search.items() if key not in unused}
+    return {**params, "search": searched, **search_repair(wildcards)}
 
 
 # ---- per-task tables (rules/tables.smk) ----

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from families import FAMILIES
+from records import base_record, eval_record
 
 from ffmerge.adapters import get_adapter
 from ffmerge.align import MergePlan, align_group
@@ -103,31 +104,17 @@ def test_table_9_prints_the_members():
 def test_table9_and_figure3_show_the_group_at_the_window_merges_parameter_reduction(family_stores):
     from ffmerge.report import figures
     from ffmerge.report.tables import results_table
-    from ffmerge.size import size_report
 
     model, _, store = family_stores("llama")
     grouped, window = copy.deepcopy(model), copy.deepcopy(model)
     info = pipeline.compress(grouped, "group", "1/2", 0, store)
     plain = pipeline.compress(window, "permute", "1/2", 0, store)
 
-    def record(m, variant, test, built):
-        windows = {s: list(w) for s, w in built["windows"].items()} if built["windows"] else None
-        extra = {"groups": built["groups"]} if "groups" in built else {}
-        return {
-            "metric": "ppl",
-            "test": test,
-            "test_before_ft": test + 1,
-            "size": size_report(m).as_dict(),
-            "variant": variant,
-            "fraction": "1/2",
-            "choice": "best",
-            "windows": windows,
-            "repair": None,
-            **extra,
-        }
-
-    base = {"metric": "ppl", "test": 20.0, "test_before_ft": 21.0, "size": size_report(model).as_dict()}
-    table = results_table(base, [record(window, "permute", 30.0, plain), record(grouped, "group", 40.0, info)])
+    records = [
+        eval_record(window, "permute", "1/2", 30.0, 31.0, windows=plain["windows"]),
+        eval_record(grouped, "group", "1/2", 40.0, 41.0, groups=info["groups"]),
+    ]
+    table = results_table(base_record(model, 20.0, 21.0), records)
     rows = {r.variant: r for r in table.itertuples()}
     reduction = dict(zip(table["variant"], table["param_reduction_%"], strict=True))
     assert reduction["group"] == reduction["permute"] > 0

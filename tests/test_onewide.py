@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 from families import FAMILIES
+from records import base_record, eval_record
 
 from ffmerge.adapters import get_adapter
 from ffmerge.checkpoint import load_compressed, save_compressed
@@ -97,21 +98,10 @@ def test_table9_and_figure3_show_onewide_at_its_own_parameter_reduction(family_s
         "permute": (merged, pipeline.compress(merged, "permute", "all-but-one", 0, store)),
     }
     records = [
-        {
-            "metric": "wer",
-            "test": test,
-            "test_before_ft": test,
-            "size": size_report(m).as_dict(),
-            "variant": variant,
-            "fraction": "all-but-one",
-            "choice": "best",
-            "windows": {s: list(w) for s, w in info["windows"].items()},
-            "repair": None,
-        }
+        eval_record(m, variant, "all-but-one", test, test, metric="wer", windows=info["windows"])
         for test, (variant, (m, info)) in zip((50.0, 60.0), built.items(), strict=True)
     ]
-    base = {"metric": "wer", "test": 20.0, "test_before_ft": 20.0, "size": size_report(model).as_dict()}
-    table = results_table(base, records)
+    table = results_table(base_record(model, 20.0, 20.0, metric="wer"), records)
     rows = {r.variant: r for r in table.itertuples()}
     adapter = get_adapter(model)
     n_enc, n_dec = adapter.num_layers(model, "encoder"), adapter.num_layers(model, "decoder")

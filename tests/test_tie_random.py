@@ -12,6 +12,7 @@ import pytest
 import torch
 from families import FAMILIES, build
 from families import calibration_batches as _batches
+from records import base_record, eval_record
 
 from ffmerge.adapters import get_adapter, get_submodule
 from ffmerge.align import plan_merge
@@ -257,24 +258,13 @@ def test_build_compressed_saves_the_permute_window_tied_at_random(built, tmp_pat
 
 def _record(model: torch.nn.Module, variant: str, test: float) -> dict:
     """An evaluation file's fields as pipeline writes them (post.json with pre.json's repair and test)."""
-    windows = {s: list(w) for s, w in _windows(model).items()}
-    return {
-        "metric": "ppl",
-        "test": test,
-        "test_before_ft": test + 10,
-        "size": size_report(model).as_dict(),
-        "variant": variant,
-        "fraction": "1/2",
-        "choice": "best",
-        "windows": windows,
-        "repair": None,
-        "finetune": {"budget": {"unit": "tokens", "per_step": 128, "total": 256}},
-    }
+    record = eval_record(model, variant, "1/2", test, test + 10, windows=_windows(model))
+    return record | {"finetune": {"budget": {"unit": "tokens", "per_step": 128, "total": 256}}}
 
 
 def test_table9_and_figure3_show_tie_random_at_the_merges_parameter_reduction(built):
     model, _, merged, tied, _ = built("llama")
-    base = {"metric": "ppl", "test": 20.0, "test_before_ft": 21.0, "size": size_report(model).as_dict()}
+    base = base_record(model, 20.0, 21.0)
     table = report.results_table(base, [_record(merged, "permute", 30.0), _record(tied, "tie_random", 40.0)])
     rows = {r.variant: r for r in table.itertuples()}
     reduction = dict(zip(table["variant"], table["param_reduction_%"], strict=True))
@@ -302,7 +292,7 @@ def test_table9_and_figure3_show_tie_random_at_the_merges_parameter_reduction(bu
 def test_no_window_search_is_expected_of_tie_random(built):
     """Figure 10 and Table 2 read the permute search; a tie_random model adds no line, row or note to them."""
     model, _, merged, tied, _ = built("llama")
-    base = {"metric": "ppl", "test": 20.0, "test_before_ft": 21.0, "size": size_report(model).as_dict()}
+    base = base_record(model, 20.0, 21.0)
     table = report.results_table(base, [_record(merged, "permute", 30.0), _record(tied, "tie_random", 40.0)])
     selection = {
         "variant": "permute",

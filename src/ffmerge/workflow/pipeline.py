@@ -183,6 +183,8 @@ def compress(
         raise ValueError(f"unknown variant {variant!r}")
     if features is None and plan is None:
         raise ValueError(f"variant {variant} needs cached features")
+    if method == ONEWIDE:
+        shared, deleted = onewide_layout(stack_layers(model), fraction)
     if plan is not None:  # a recorded plan rebuilds the merge exactly, without aligning anything again
         merge_plan = MergePlan.from_dict(plan)
     elif method == GROUP:
@@ -195,7 +197,6 @@ def compress(
             ],
         )
     elif method == ONEWIDE:
-        shared, _ = onewide_layout(stack_layers(model), fraction)
         merge_plan = plan_merge(features, shared, anchor=anchor, method="permute", solved=solved)
     else:
         merge_plan = plan_merge(features, windows, anchor=anchor, method=method, solved=solved)
@@ -210,7 +211,6 @@ def compress(
         groups = {a.stack: a.layers for a in merge_plan.stacks}
         return {**info, "windows": None, "groups": groups, "similarity": GROUP_SIMILARITY}
     if method == ONEWIDE:
-        _, deleted = onewide_layout(stack_layers(model), fraction)
         delete_ff(model, deleted)  # after the repair, which reads only the shared stack's cached features
         return {**info, "deleted_ff": deleted}
     return info
