@@ -23,3 +23,11 @@ def matmul_gflops(threads: int = 1) -> float:
         best = min(best, time.perf_counter() - started)
     torch.set_num_threads(before)
     return 2 * 2048**3 / best / 1e9
+
+
+def announce(threads: int) -> float:
+    """Measure the host (one thread), set torch to ``threads`` threads and print both; returns the GFLOPS."""
+    gflops = matmul_gflops(1)
+    torch.set_num_threads(threads)
+    print(f"host: 2048x2048 float32 matmul {gflops:.0f} GFLOPS on 1 thread; running with {threads} thread(s)")
+    return gflops

@@ -27,9 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from _host import matmul_gflops
-from snakemake.utils import validate
+from _config import task_config
+from _host import announce
 
 from ffmerge.experiments import fraction_label
 from ffmerge.tasks import get_task
@@ -77,12 +76,6 @@ def parse_args() -> argparse.Namespace:
         help="instead of running: read --out files of earlier runs (one per task) and print one table",
     )
     return p.parse_args()
-
-
-def task_config(path: Path, task: str) -> tuple[dict, Path]:
-    config = yaml.safe_load(path.read_text())
-    validate(config, str(ROOT / "schemas" / "config.schema.yaml"))
-    return config["tasks"][task], Path(config["results_dir"])
 
 
 def selection(cfg: dict, results: Path, work: Path, method: str, fraction: str) -> Path:
@@ -210,9 +203,7 @@ def main() -> None:
     if args.summarize:
         summarize(args.summarize)
         return
-    gflops = matmul_gflops(1)
-    torch.set_num_threads(args.threads)
-    print(f"host: 2048x2048 float32 matmul {gflops:.0f} GFLOPS on 1 thread; running with {args.threads} threads")
+    gflops = announce(args.threads)
     cfg, results_dir = task_config(args.config, args.task)
     results = (args.results or results_dir) / args.task
     work = args.work / args.task

@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
-from _host import matmul_gflops
+from _config import task_config
+from _host import announce
 
 from ffmerge.adapters import get_adapter
 from ffmerge.align import MergePlan, plan_merge
@@ -59,12 +59,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
-    gflops = matmul_gflops(1)
-    torch.set_num_threads(args.threads)
-    print(f"host: 2048x2048 float32 matmul {gflops:.0f} GFLOPS on 1 thread; running with {args.threads} thread(s)")
-    config = yaml.safe_load(args.config.read_text())
-    cfg = config["tasks"][args.task]
-    results = Path(config["results_dir"]) / args.task
+    announce(args.threads)
+    cfg, results_dir = task_config(args.config, args.task)
+    results = results_dir / args.task
     selection = json.loads((results / "selection" / "permute" / f"{args.fraction}.json").read_text())
     model = load_model(results / "model" / "base", auto_class=get_task(cfg).auto_class)
     store = FeatureStore.open(results / "features")

@@ -25,10 +25,9 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
-from _host import matmul_gflops
+from _config import task_config
+from _host import announce
 from scipy.stats import spearmanr
-from snakemake.utils import validate
 
 from ffmerge.checkpoint import load_model
 from ffmerge.experiments import window_starts
@@ -49,13 +48,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    gflops = matmul_gflops(1)
-    torch.set_num_threads(args.threads)
-    print(f"host: 2048x2048 float32 matmul {gflops:.0f} GFLOPS on 1 thread; running with {args.threads} threads")
-    config = yaml.safe_load(args.config.read_text())
-    validate(config, str(ROOT / "schemas" / "config.schema.yaml"))
-    cfg = config["tasks"][args.task]
-    results = Path(config["results_dir"]) / args.task
+    gflops = announce(args.threads)
+    cfg, results_dir = task_config(args.config, args.task)
+    results = results_dir / args.task
     task = get_task(cfg)
     dev = torch.device("cpu")
     data = results / "data"

@@ -4,6 +4,7 @@ import os
 
 from ffmerge.experiments import (MERGES_WITH, compressed_models, fraction_label, parse_fraction_label, search_of,
                                  split_variant)
+from ffmerge.fips import METHOD as FIPS
 from ffmerge.workflow.preflight import candidate_starts
 from ffmerge.workflow.settings import params_view
 
@@ -16,7 +17,7 @@ DEVICE = config["device"]
 wildcard_constraints:
     task="[A-Za-z0-9_-]+",
     search="permute|vanilla|drop|ffdrop",
-    variant="(permute|vanilla)(@(first|middle|last))?|drop|ffdrop|tie_random|onewide|group",
+    variant="(permute|vanilla)(@(first|middle|last))?|drop|ffdrop|tie_random|onewide|group|fips|wide",
     fraction="[0-9]+of[0-9]+|all-but-one",
     choice="best|random[0-9]+",
     start="[0-9]+",
@@ -51,6 +52,15 @@ def task_cfg(*keys):
     return params
 
 
+def compress_cfg(wildcards):
+    """Rule compress's params: the blocks it reads, and the fips block for the fips method only (so that adding or
+    editing it leaves every other compressed model as it is)."""
+    params = task_cfg("evaluation", "repair", "features")(wildcards)
+    if split_variant(wildcards.get("variant", ""))[0] == FIPS:
+        params["fips"] = config["tasks"][wildcards.task]["fips"]
+    return params
+
+
 def align_cfg(wildcards):
     """Rule align's params: only the fractions decide which pairs it solves, so adding a method, an anchor or random
     windows to `experiments` leaves its output, and every search and model built on it, as it is."""
@@ -77,9 +87,14 @@ def source_model_dir(task):
 
 def features_if_merge(wildcards):
     """Merges read the feature cache; permute merges also the pairs solved by rule align (in-process and proxy
-    searches), and so do onewide (a permute merge of its shared stack) and group (a permute merge of its members).
+    searches), and so do onewide (a permute merge of its shared stack), group (a permute merge of its members) and
+    wide (permute merges of its parts).
+    fips reads the features only (its factors are fitted to the cached FF inputs and outputs; nothing is aligned).
     Deleting (drop, ffdrop) and tie_random (a fresh block, no alignment, no repair) read neither."""
-    method = MERGES_WITH.get(wildcards.get("search") or split_variant(wildcards.get("variant", ""))[0])
+    variant_method = wildcards.get("search") or split_variant(wildcards.get("variant", ""))[0]
+    if variant_method == FIPS:
+        return {"features": f"{R}/features".format(task=wildcards.task)}
+    method = MERGES_WITH.get(variant_method)
     if method is None:
         return {}
     inputs = {"features": f"{R}/features".format(task=wildcards.task)}

@@ -15,7 +15,7 @@ rule compress:
         model=temp(directory(f"{R}/models/{{variant}}/{{fraction}}/{{choice}}/compressed")),
         eval=f"{R}/eval/{{variant}}/{{fraction}}/{{choice}}/pre.json",
     params:
-        cfg=task_cfg("evaluation", "repair", "features"),
+        cfg=compress_cfg,
         device=DEVICE,
     log:
         f"{LOGS}/compress/{{variant}}/{{fraction}}/{{choice}}.log",

@@ -4,8 +4,9 @@
 #
 # Which fine-tuned models stay on disk (config `keep_models`): "chosen" keeps the product, the chosen permute
 # merge of every fraction (rule finetune) and the fine-tuned base (rule finetune_base); the controls (vanilla,
-# drop, ffdrop, tie_random, onewide, group, the anchor ablations and the random windows: rule finetune_control) are
-# temp outputs, deleted once their metric is in post.json and int8 (which reads the vanilla merge) has used them.
+# drop, ffdrop, tie_random, onewide, group, fips, wide, the anchor ablations and the random windows: rule
+# finetune_control) are temp outputs, deleted once their metric is in post.json and int8 (which reads the vanilla
+# merge) has used them.
 # "all" keeps them too.
 # The three rules split the same path pattern by their wildcard constraints, so exactly one matches each model.
 
@@ -62,7 +63,8 @@ use rule finetune as finetune_control with:
     wildcard_constraints:
         # every variant but the plain permute merge, at the chosen window
         variant=(
-            "(vanilla|permute@(first|middle|last)|vanilla@(first|middle|last)|drop|ffdrop|tie_random|onewide|group)"
+            "(vanilla|permute@(first|middle|last)|vanilla@(first|middle|last)|drop|ffdrop|tie_random|onewide|group"
+            "|fips|wide)"
         ),
         choice="best",
 

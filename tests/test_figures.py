@@ -215,7 +215,17 @@ def fake_save_compressed(model: FakeModel, path, extra=None) -> Path:
 
 
 def fake_compress(
-    model: FakeModel, variant, fraction, start, features, plan=None, solved=None, repair=None, calibration=None, seed=0
+    model: FakeModel,
+    variant,
+    fraction,
+    start,
+    features,
+    plan=None,
+    solved=None,
+    repair=None,
+    calibration=None,
+    seed=0,
+    fips=None,
 ) -> dict:
     method, _ = split_variant(variant)
     windows = windows_at(method, LAYERS, fraction, start)

@@ -18,7 +18,7 @@ from ffmerge.features import cache_features
 from ffmerge.ffdrop import delete_ff, deleted_ff
 from ffmerge.finetune import FinetuneConfig, causal_lm_loss, causal_lm_outputs, distillation_loss, finetune, lm_batches
 from ffmerge.merge import apply_plan
-from ffmerge.repair import RepairConfig, capture_inputs, fold_scales, merge_and_repair
+from ffmerge.repair import RepairConfig, capture_inputs, fold_scales, merge_and_repair, store_data
 from ffmerge.size import size_report
 
 NAMES = sorted(FAMILIES)
@@ -209,6 +209,32 @@ def test_repair_lowers_the_local_error_and_touches_only_the_shared_block(name, o
         if not torch.equal(p, q)
     }
     assert changed and changed <= {names[i] for i in shared}
+
+
+def test_member_normalisation_fits_a_quiet_member_that_the_total_loss_neglects(tmp_path):
+    """With one member's FF outputs 100 times smaller than the others', the summed-energy loss hardly sees it;
+    normalising each member by its own energy fits it better (its own relative error is lower), at some cost to the
+    loud members. Same data, seed and steps for both."""
+    model, _ = build("llama")
+    adapter = get_adapter(model)
+    with torch.no_grad():
+        adapter.ff_modules(model, "decoder", 2)["out"].weight.mul_(0.01)
+    store = cache_features(model, _batches("llama", 40), tmp_path / "f", n_tokens=120, dtype="float32", progress=False)
+    plan = plan_merge(store, {"decoder": (1, 3)}, method="permute")
+    data = store_data(store, "decoder", [1, 2, 3])
+
+    def own_errors(normalize: str) -> dict[int, float]:
+        merged = copy.deepcopy(model)
+        merge_and_repair(merged, plan, store, RepairConfig(enabled=True, steps=60, lr=1e-2, normalize=normalize))
+        block = adapter.ff_forward(merged, "decoder", 1)
+        with torch.no_grad():
+            return {j: float((block(data.x[j]) - data.y[j]).pow(2).sum() / data.y[j].pow(2).sum()) for j in (1, 2, 3)}
+
+    total, member = own_errors("total"), own_errors("member")
+    assert member[2] < 0.5 * total[2]
+    assert sum(member.values()) < sum(total.values())
+    with pytest.raises(ValueError, match="normalize"):
+        RepairConfig(normalize="layer")
 
 
 def test_repair_reads_a_cache_without_ff_inputs_with_a_fix(tmp_path):

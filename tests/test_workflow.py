@@ -161,8 +161,8 @@ def test_only_models_before_finetuning_and_the_controls_are_temporary(snakemake_
 
 @pytest.mark.parametrize(
     "extra_methods",
-    [[], ["tie_random"], ["onewide"], ["group"]],
-    ids=["default", "with-tie_random", "with-onewide", "with-group"],
+    [[], ["tie_random"], ["onewide"], ["group"], ["fips"], ["wide"]],
+    ids=["default", "with-tie_random", "with-onewide", "with-group", "with-fips", "with-wide"],
 )
 def test_exactly_one_finetune_rule_matches_each_planned_model(snakemake_workflow, default_config, extra_methods):
     """finetune, finetune_control and finetune_random share one path pattern, told apart by their wildcard
@@ -272,7 +272,7 @@ def test_wildcard_constraints_accept_every_planned_model(snakemake_workflow):
     constraints = snakemake_workflow.wildcard_constraints
     grid = {
         "fractions": ["1/3", "1/2", "14/15", "all-but-one"],
-        "methods": ["permute", "vanilla", "drop", "ffdrop", "tie_random", "onewide", "group"],
+        "methods": ["permute", "vanilla", "drop", "ffdrop", "tie_random", "onewide", "group", "fips", "wide"],
         "anchors": ["first", "middle", "last"],
         "random_windows": 12,
     }
@@ -287,6 +287,8 @@ def test_wildcard_constraints_accept_every_planned_model(snakemake_workflow):
     assert not re.fullmatch(constraints["variant"], "tie_random@middle")
     assert not re.fullmatch(constraints["search"], "onewide")
     assert not re.fullmatch(constraints["search"], "group")
+    assert not re.fullmatch(constraints["search"], "fips")
+    assert not re.fullmatch(constraints["search"], "wide")
 
 
 def _table_inputs_with(snakemake_workflow, task: str, method: str) -> dict:
@@ -315,12 +317,46 @@ def test_onewide_builds_from_the_permute_search_with_features_and_alignment(snak
         "features": f"{results}/asr/features",
         "alignment": f"{results}/asr/alignment/permute.safetensors",
     }
-    # the similarity-group merge reads the same (its members are aligned to their anchor like a window's)
+    # the similarity-group merge and the wide form read the same (their members are aligned like a window's)
     assert functions["features_if_merge"](Wildcards(fromdict={**model, "variant": "group"})) == inputs
+    assert functions["features_if_merge"](Wildcards(fromdict={**model, "variant": "wide"})) == inputs
     (selection,) = [f for f in snakemake_workflow.get_rule("compress").input if callable(f)]
     assert selection(Wildcards(fromdict=model)) == f"{results}/asr/selection/permute/all-but-one.json"
     tables = _table_inputs_with(snakemake_workflow, "asr", "onewide")
     assert [p for p in tables["post"] if "/onewide/" in p] == [f"{results}/asr/eval/onewide/all-but-one/best/post.json"]
+
+
+def test_fips_builds_from_the_feature_cache_with_its_own_config_block(snakemake_workflow):
+    """FiPS reads the feature cache but no alignment, records its fraction through the permute search, has no search
+    of its own, and only its compress jobs carry the fips block (editing it rebuilds no other model)."""
+    from snakemake.iocontainers import Wildcards
+
+    functions = snakemake_workflow.globals
+    results = snakemake_workflow.config["results_dir"]
+    model = {"task": "lm", "fraction": "1of3", "choice": "best", "variant": "fips"}
+    assert functions["features_if_merge"](Wildcards(fromdict=model)) == {"features": f"{results}/lm/features"}
+    rule = snakemake_workflow.get_rule("compress")
+    (selection,) = [f for f in rule.input if callable(f)]
+    assert selection(Wildcards(fromdict=model)) == f"{results}/lm/selection/permute/1of3.json"
+    (cfg,) = [v for n, v in rule.params.items() if n == "cfg"]
+    assert cfg(Wildcards(fromdict=model))["fips"] == snakemake_workflow.config["tasks"]["lm"]["fips"]
+    for variant in ("permute", "ffdrop", "group"):
+        assert "fips" not in cfg(Wildcards(fromdict={**model, "variant": variant}))
+    inputs = _table_inputs_with(snakemake_workflow, "lm", "fips")
+    assert f"{results}/lm/eval/fips/1of3/best/post.json" in inputs["post"]
+    assert not any("fips" in path for path in inputs["selections"] + inputs.get("int8", []))
+
+
+def test_the_schema_fills_the_fips_block_with_the_packages_defaults(default_config):
+    from dataclasses import asdict
+
+    from ffmerge.fips import FipsConfig
+
+    config = copy.deepcopy(default_config)
+    config["tasks"]["lm"]["experiments"]["methods"] = ["permute", "fips"]
+    block = _validated(config)["tasks"]["lm"]["fips"]
+    assert block == {k: v for k, v in asdict(FipsConfig()).items() if k not in ("seed", "tolerance")}
+    assert FipsConfig.from_cfg(block, seed=3) == FipsConfig(seed=3)
 
 
 def test_tie_random_builds_the_permute_window_without_features(snakemake_workflow):
@@ -1084,6 +1120,8 @@ def test_a_repairing_search_depends_on_the_repair_block_for_merges_only(snakemak
     candidate), so editing the repair reruns them; deletion searches and the default config do not depend on it."""
     from snakemake.iocontainers import Wildcards
 
+    from ffmerge.workflow.settings import params_view
+
     task = snakemake_workflow.config["tasks"]["lm"]
     rules = {name: snakemake_workflow.get_rule(name) for name in ("select_window", "candidate")}
     params = {name: next(v for n, v in r.params.items() if n == "cfg") for name, r in rules.items()}
@@ -1096,7 +1134,9 @@ def test_a_repairing_search_depends_on_the_repair_block_for_merges_only(snakemak
     try:
         task["search"]["repair"] = True
         for rule in params:
-            assert cfg(rule, "permute")["repair"] == task["repair"] and cfg(rule, "permute")["search"]["repair"]
+            # the repair block as every rule holds it: later keys at their default left out (settings.params_view)
+            assert cfg(rule, "permute")["repair"] == params_view("repair", task["repair"])
+            assert cfg(rule, "permute")["search"]["repair"]
             assert "repair" not in cfg(rule, "ffdrop")
     finally:
         task["search"] = saved

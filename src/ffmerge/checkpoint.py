@@ -6,8 +6,10 @@ layers by value would make the files as large as the original. Our folder format
 - ``config.json`` (and ``generation_config.json``): the model's own transformers config;
 - ``ffmerge.safetensors``: every distinct tensor once, under its first (canonical) name;
 - ``ffmerge_ties.json``: the architecture class, the tie map (which modules and parameters are the same
-  object as a canonical one) and the FF sublayers deleted outright (:mod:`ffmerge.ffdrop`), which the config
-  cannot describe and which are deleted again before the tensors load.
+  object as a canonical one), the FF sublayers deleted outright (:mod:`ffmerge.ffdrop`), the factorised FF
+  blocks of FiPS (:mod:`ffmerge.fips`: groups and rank) and the widened shared blocks of :mod:`ffmerge.wide`
+  (their width), which the config cannot describe and which are rebuilt before the tensors load. A FiPS block's
+  sparse factors are stored as their values and a packed bitmask (the module's own state dict), not dense.
 
 There is deliberately no ``model.safetensors``: a plain ``from_pretrained`` on this folder fails with
 "no file named model.safetensors" instead of silently initialising the missing tied layers at random.
@@ -29,6 +31,8 @@ from transformers.initialization import no_init_weights
 
 from .adapters import get_submodule, set_submodule
 from .ffdrop import delete_ff, deleted_ff
+from .fips import fips_layout, restore_fips
+from .wide import restore_wide, wide_layout
 from .workflow.atomic import atomic_output_dir
 
 WEIGHTS = "ffmerge.safetensors"
@@ -87,6 +91,8 @@ def save_compressed(model: nn.Module, path: str | Path, extra: dict[str, Any] | 
         "architecture": type(model).__name__,
         "ties": ties,
         "deleted_ff": deleted_ff(model),
+        "fips": fips_layout(model),
+        "wide": wide_layout(model),
         "extra": extra or {},
     }
     with atomic_output_dir(path, TIES) as tmp:
@@ -143,6 +149,8 @@ def load_compressed(path: str | Path, *, device: str | torch.device = "cpu", dty
         model = cls._from_config(config, dtype=dtype) if dtype is not None else cls._from_config(config)
     model.tie_weights(recompute_mapping=False)
     delete_ff(model, meta.get("deleted_ff", {}))
+    restore_fips(model, meta.get("fips", {}))
+    restore_wide(model, meta.get("wide", {}))
     apply_ties(model, meta["ties"])
     try:
         stored = load_file(str(path / WEIGHTS))

@@ -7,7 +7,9 @@ Vocabulary used in paths and tables:
   "tie_random" (the merge's tied structure with a freshly initialised shared block, :mod:`ffmerge.tie_random`),
   "onewide" (One Wide FFN after training: one FF shared by the first stack, none in the others,
   :mod:`ffmerge.onewide`; built at fraction "all-but-one" only), "group" (the merge of the layers with the most
-  alike FF outputs, adjacent or not, :mod:`ffmerge.group`),
+  alike FF outputs, adjacent or not, :mod:`ffmerge.group`), "fips" (every FF block factorised into a shared
+  basis and sparse factors within the merge's budget, :mod:`ffmerge.fips`), "wide" (One Wide FFN's wide form:
+  one block per stack, as wide as the blocks the merge keeps, shared by every layer, :mod:`ffmerge.wide`),
   "base" (uncompressed).
 - choice: "best" (sliding-window search on validation) or "randomN" (the paper's random-window control).
 """
@@ -20,12 +22,12 @@ from fractions import Fraction
 ALL_BUT_ONE = "all-but-one"
 MERGE_METHODS = ("permute", "vanilla")
 # the merge each method builds its tied blocks with (a method missing here merges nothing)
-MERGES_WITH = {"permute": "permute", "vanilla": "vanilla", "onewide": "permute", "group": "permute"}
+MERGES_WITH = {"permute": "permute", "vanilla": "vanilla", "onewide": "permute", "group": "permute", "wide": "permute"}
 DELETE_METHODS = ("drop", "ffdrop")
 # controls with no window search of their own: each builds the window another method's search chose (a search
 # would rank windows by scores that mean nothing for them: a random block's score before fine-tuning)
-# (group: chosen from the feature cache; it needs only the permute search's fraction and features)
-REUSED_SEARCH = {"tie_random": "permute", "onewide": "permute", "group": "permute"}
+# (group, fips, wide: built from the feature cache; they need only the permute search's fraction and features)
+REUSED_SEARCH = {method: "permute" for method in ("tie_random", "onewide", "group", "fips", "wide")}
 # methods with one budget of their own, built at this fraction only (whatever else experiments.fractions lists)
 OWN_BUDGET = {"onewide": ALL_BUT_ONE}
 

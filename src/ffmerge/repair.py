@@ -20,6 +20,9 @@ options, each measured in the README's ablation:
   the members differ less, and the fit weighs each member's error as it enters the residual stream.
 - ``lstsq``: start from the least-squares output projection (and bias) given the merged input side: a
   closed-form solve over all members' hidden activations.
+- ``normalize``: ``total`` divides the members' summed squared error by their summed output energy, so members
+  with large outputs dominate the fit; ``member`` divides each member's error by its own energy (the mean of
+  the members' relative errors), so every layer counts alike.
 - ``steps``, ``lr``, ``batch_tokens``: Adam on the whole shared block (input and output projections, biases),
   ``batch_tokens`` positions per step spread evenly over the members, seeded; a step costs the same whatever
   the window's size (SmolLM2, 1/3 window: 100 steps of ~128 positions per member gave a better validation
@@ -58,6 +61,7 @@ class RepairConfig:
     inputs: Inputs = "original"
     fold: bool = False
     lstsq: bool = False
+    normalize: Literal["total", "member"] = "total"
     steps: int = 100
     lr: float = 3e-3
     batch_tokens: int = 1536
@@ -69,6 +73,8 @@ class RepairConfig:
     def __post_init__(self) -> None:
         if self.inputs not in ("original", "merged"):
             raise ValueError(f"repair.inputs must be 'original' or 'merged', got {self.inputs!r}")
+        if self.normalize not in ("total", "member"):
+            raise ValueError(f"repair.normalize must be 'total' or 'member', got {self.normalize!r}")
         if self.steps < 0 or self.batch_tokens < 1 or self.lr <= 0 or self.ridge < 0:
             raise ValueError(f"repair needs steps >= 0, batch_tokens >= 1, lr > 0 and ridge >= 0, got {self}")
 
@@ -85,6 +91,8 @@ class MemberData:
     layers: list[int]
     x: dict[int, torch.Tensor]
     y: dict[int, torch.Tensor]
+    weights: dict[int, float] | None = None
+    """Per-member weights of the squared error (``repair.normalize: member``); None weighs every row alike."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -311,7 +319,11 @@ def batched_error(block: Callable[[torch.Tensor], torch.Tensor], data: MemberDat
     """
     x = torch.cat([data.x[j][pick] for j, pick in picks])
     y = torch.cat([data.y[j][pick] for j, pick in picks])
-    return (block(x) - y).pow(2).sum() / len(picks[0][1])
+    diff = block(x) - y
+    if data.weights is not None:
+        rows = torch.cat([torch.full((len(pick),), data.weights[j]) for j, pick in picks])
+        diff = diff * rows.sqrt().to(diff.dtype)[:, None]
+    return diff.pow(2).sum() / len(picks[0][1])
 
 
 def fit_block(
@@ -330,7 +342,12 @@ def fit_block(
     modules = adapter.ff_modules(model, stack, anchor)
     params = list({id(p): p for m in modules.values() for p in m.parameters()}.values())
     block = adapter.ff_forward(model, stack, anchor)
-    energy = sum(float(data.y[j].pow(2).sum(1).mean()) for j in data.layers)
+    energies = {j: float(data.y[j].pow(2).sum(1).mean()) for j in data.layers}
+    if cfg.normalize == "member":  # each member's relative error, averaged
+        data = MemberData(data.stack, data.layers, data.x, data.y, {j: 1 / max(e, 1e-30) for j, e in energies.items()})
+        energy = float(len(data.layers))
+    else:
+        energy = sum(energies.values())
     generator = torch.Generator().manual_seed(cfg.seed)
     per_member = -(-cfg.batch_tokens // len(data.layers))
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
@@ -363,10 +380,34 @@ def merge_and_repair(
     """
     from .merge import apply_plan
 
+    return build_and_repair(
+        model,
+        {a.stack: (a.anchor, list(a.layers)) for a in plan.stacks},
+        lambda: apply_plan(model, plan),
+        store,
+        cfg,
+        calibration=calibration,
+        device=device,
+    )
+
+
+def build_and_repair(
+    model: nn.Module,
+    shared: Mapping[str, tuple[int, list[int]]],
+    build: Callable[[], Any],
+    store: FeatureStore,
+    cfg: RepairConfig,
+    *,
+    calibration: Callable[[], Iterable[Mapping[str, Any]]] | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Fold (if configured), ``build()`` the shared blocks, then repair each: ``shared`` is ``{stack: (anchor,
+    members)}``, the layer whose FF modules every member holds after ``build`` and the members it serves. Any
+    construction of one shared block per stack (a merge, :mod:`ffmerge.wide`'s widened block) is repaired alike."""
     adapter = get_adapter(model)
-    windows = {a.stack: list(a.layers) for a in plan.stacks}
+    windows = {stack: layers for stack, (_, layers) in shared.items()}
     folded = {stack: fold_scales(model, stack, layers) for stack, layers in windows.items()} if cfg.fold else {}
-    apply_plan(model, plan)
+    build()
     data = {stack: store_data(store, stack, layers) for stack, layers in windows.items()}
     for stack, saved in folded.items():
         d = data[stack]
@@ -381,20 +422,20 @@ def merge_and_repair(
         for stack, per_layer in captured.items():
             data[stack].x = {j: x.to(data[stack].y[j].device) for j, x in per_layer.items()}
     report: dict[str, Any] = {"config": {k: v for k, v in asdict(cfg).items() if k != "enabled"}, "stacks": {}}
-    for alignment in plan.stacks:
+    for stack, (anchor, _) in shared.items():
         started = time.perf_counter()
-        d = data[alignment.stack]
-        block = adapter.ff_forward(model, alignment.stack, alignment.anchor)
+        d = data[stack]
+        block = adapter.ff_forward(model, stack, anchor)
         stats: dict[str, Any] = {"layers": d.layers, "tokens": len(d.x[d.layers[0]])}
         stats["error_merged"] = after = before = relative_error(block, d)
         if before > cfg.tolerance:
-            modules = adapter.ff_modules(model, alignment.stack, alignment.anchor)
+            modules = adapter.ff_modules(model, stack, anchor)
             merged = {k: v.clone() for k, v in _block_state(modules).items()}
             if cfg.lstsq:
-                lstsq_output(adapter, model, alignment.stack, alignment.anchor, d, cfg.ridge)
+                lstsq_output(adapter, model, stack, anchor, d, cfg.ridge)
                 stats["error_lstsq"] = relative_error(block, d)
             if cfg.steps:
-                losses = fit_block(adapter, model, alignment.stack, alignment.anchor, d, cfg)
+                losses = fit_block(adapter, model, stack, anchor, d, cfg)
                 stats["loss_first_last"] = [losses[0], losses[-1]]
             after = relative_error(block, d)
             if after >= before:  # a fit that made the block worse is undone
@@ -404,8 +445,8 @@ def merge_and_repair(
                 stats["reverted"], after = True, before
         stats["error_repaired"] = after
         stats["seconds"] = round(time.perf_counter() - started, 2)
-        log.info(f"repair {alignment.stack}: {stats}")
-        report["stacks"][alignment.stack] = stats
+        log.info(f"repair {stack}: {stats}")
+        report["stacks"][stack] = stats
     return report
 
 

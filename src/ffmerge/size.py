@@ -2,11 +2,14 @@
 
 Counting distinct tensors (not names) is what makes tied layers count once; the int8 figure mirrors
 LLM.int8() storage of linear weights (one byte per weight plus one float32 scale per output row), with
-everything else kept at its current dtype.
+everything else kept at its current dtype. A FiPS model's sparse factors (:class:`ffmerge.fips.FactorLinear`)
+count what their checkpoint stores: the kept values, plus their index (a bitmask) as ``index_bytes`` and, in
+``parameters``, as the float32 parameters those bytes would hold, so that no budget is met by hiding an index.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from torch import nn
@@ -14,6 +17,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .adapters import get_adapter
 from .ffdrop import deleted_ff
+from .fips import FactorLinear
 from .merge import ff_block_groups
 
 
@@ -27,6 +31,9 @@ class SizeReport:
     and not counted here."""
     bytes: int
     bytes_int8_linear: int
+    index_bytes: int = 0
+    """Bytes of sparse-index metadata (FiPS's bitmasks), included in ``bytes`` and, divided by 4, in
+    ``parameters``; 0 for dense models."""
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -34,6 +41,18 @@ class SizeReport:
 
 def _unique_params(model: nn.Module) -> list[nn.Parameter]:
     return list(model.parameters())  # deduplicated by identity
+
+
+def _stored_counts(model: nn.Module) -> tuple[dict[int, int], int]:
+    """``({id(parameter): values stored}, index bytes)`` for the sparse factors of FiPS blocks; every other
+    parameter is stored whole."""
+    stored, index = {}, 0
+    for module in model.modules():
+        if isinstance(module, FactorLinear):
+            values, index_bytes = module.stored()
+            stored[id(module.coeffs)] = values
+            index += index_bytes
+    return stored, index
 
 
 def _int8_bytes(model: nn.Module) -> int:
@@ -46,32 +65,36 @@ def _int8_bytes(model: nn.Module) -> int:
             w = module.weight
             out_features = w.shape[0] if isinstance(module, nn.Linear) else w.shape[1]
             linear_weights[id(w)] = w.numel() + 4 * out_features
-    total = 0
+    stored, index = _stored_counts(model)
+    total = index
     for p in _unique_params(model):
-        total += linear_weights.get(id(p), p.numel() * p.element_size())
+        total += linear_weights.get(id(p), stored.get(id(p), p.numel()) * p.element_size())
     return total
 
 
 def size_report(model: nn.Module) -> SizeReport:
     """Sizes of ``model`` as it is now (merged, dropped or original)."""
     adapter = get_adapter(model)
+    stored, index = _stored_counts(model)
+    index_params = math.ceil(index / 4)
     ff_params: dict[int, int] = {}
     blocks = removed = 0
     for spec in adapter.stacks:
         for i in range(adapter.num_layers(model, spec.name)):
             for module in adapter.ff_modules(model, spec.name, i).values():
                 for p in module.parameters():
-                    ff_params[id(p)] = p.numel()
+                    ff_params[id(p)] = stored.get(id(p), p.numel())
         deleted = set(deleted_ff(model).get(spec.name, []))
         groups = [g for g in ff_block_groups(model, spec.name) if g[0] not in deleted]
         blocks += len(groups)
         removed += sum(len(g) - 1 for g in groups) + len(deleted)
     params = _unique_params(model)
     return SizeReport(
-        parameters=sum(p.numel() for p in params),
-        ff_parameters=sum(ff_params.values()),
+        parameters=sum(stored.get(id(p), p.numel()) for p in params) + index_params,
+        ff_parameters=sum(ff_params.values()) + index_params,
         ff_blocks=blocks,
         ff_blocks_removed=removed,
-        bytes=sum(p.numel() * p.element_size() for p in params),
+        bytes=sum(stored.get(id(p), p.numel()) * p.element_size() for p in params) + index,
         bytes_int8_linear=_int8_bytes(model),
+        index_bytes=index,
     )

@@ -58,9 +58,9 @@ ANCHORS = ("first", "middle", "last")
 SEARCH_ORDER = ("permute", "vanilla", "drop", "ffdrop")
 # controls built on another method's window (experiments.REUSED_SEARCH), listed after the searches; they are not in
 # the default grid, so a figure draws them where present and says nothing where absent
-CONTROL_ORDER = ("tie_random", "onewide", "group")
+CONTROL_ORDER = ("tie_random", "onewide", "group", "fips", "wide")
 METHOD_ORDER = SEARCH_ORDER + CONTROL_ORDER
-# each method its own colour (room for all seven)
+# each method its own colour (room for all nine)
 PALETTE = dict(zip(METHOD_ORDER, sns.color_palette("colorblind", len(METHOD_ORDER)), strict=True))
 # legend text where the method's name alone does not say what it removes
 SHORT_LABELS = {
@@ -68,6 +68,8 @@ SHORT_LABELS = {
     "tie_random": "tie + random init",
     "onewide": "One Wide FFN",
     "group": "merge (similar group)",
+    "fips": "FiPS",
+    "wide": "one wide FF",
 }
 LONG_LABELS = {
     "permute": "merge (permute)",
@@ -77,6 +79,8 @@ LONG_LABELS = {
     "tie_random": "tie + random init",
     "onewide": "One Wide FFN (shared encoder FF, no decoder FF)",
     "group": "merge of a similar group (not adjacent)",
+    "fips": "FiPS (shared bases, sparse factors)",
+    "wide": "One Wide FFN, wide form (one shared wide FF)",
 }
 # what a variant name in Table 9 means, where the name alone does not say it (a note under the table)
 VARIANT_NOTES = {
@@ -95,6 +99,18 @@ VARIANT_NOTES = {
         "group = the permute merge (repaired like it) of as many layers as the fraction's window, chosen by "
         "similarity instead of adjacency: the layers with the most alike FF outputs (linear CKA on the calibration "
         "tokens, grown greedily from the most similar pair); layers lists the members"
+    ),
+    "fips": (
+        "fips = FiPS (Uyuk et al. 2026): every FF matrix written as a basis shared by a group of adjacent layers "
+        "times its own sparse factor (SVD start, fitted to the layers' cached FF outputs while magnitude pruning "
+        "sparsifies the factors), within the FF parameters the merge keeps at the fraction, the sparse index "
+        "counted; repair_error is its local reconstruction error"
+    ),
+    "wide": (
+        "wide = One Wide FFN's wide form: every layer of a stack shares one FF block with as many neurons as the "
+        "blocks the merge keeps at the fraction (the stack cut into that many parts, each permute-merged, their "
+        "neurons concatenated, output scaled to their mean; repaired like the merges); same parameters as the "
+        "merge, but that many times the FF compute per token"
     ),
 }
 ANCHOR_STYLES = {"first": "-", "middle": ":", "last": "-."}
@@ -301,8 +317,10 @@ def params_removed_figure(
     Dropping whole layers removes attention too, so it reaches a fraction with more parameters gone than the
     merge; ffdrop removes the merge's FF sublayers and nothing else, the same parameter budget. Where the config
     ran it, tie + random init (tie_random: the merge's window and ties, a freshly initialised shared block) is drawn
-    too, at the merge's parameter reduction, and so are the similarity-group merge (group, same reduction) and One
-    Wide FFN (onewide, one point at its own budget); none is in the default grid, so their absence is not noted."""
+    too, at the merge's parameter reduction, and so are the similarity-group merge (group, same reduction), FiPS
+    (fips, at most the merge's parameters, index included), One Wide FFN's wide form (wide, at most the merge's)
+    and One Wide FFN (onewide, one point at its own budget); none is in the default grid, so their absence is not
+    noted."""
     fig, axes = _panels(len(results))
     notes: Notes = []
     series = {method: LONG_LABELS[method] for method in ("permute", "drop", "ffdrop", *CONTROL_ORDER)}

@@ -44,6 +44,42 @@ def groups_text(groups: dict[str, list[int]]) -> str:
     return "; ".join(parts)
 
 
+def fips_text(report: dict) -> str:
+    """What a FiPS model factorised, e.g. "all 30 (groups of 2), rank 576, 57.5 % of V kept" (or per stack)."""
+    parts = []
+    stacks = report.get("stacks") or {}
+    for stack, stats in stacks.items():
+        n = sum(len(g) for g in stats["groups"])
+        text = (
+            f"all {n} (groups of {report['config']['group_size']}), rank {stats['rank']}, "
+            f"{100 * stats['density']:.1f} % of V kept"
+        )
+        parts.append(text if len(stacks) == 1 else f"{stack} {text}")
+    return "; ".join(parts)
+
+
+def wide_text(layout: dict[str, dict]) -> str:
+    """What the wide form shares, e.g. "all 30: one block of 20 parts, 30,720 neurons" (or per stack)."""
+    parts = []
+    for stack, entry in layout.items():
+        n = sum(size for _, size in entry["parts"])
+        text = f"all {n}: one block of {len(entry['parts'])} parts, {entry['width']:,} neurons"
+        parts.append(text if len(layout) == 1 else f"{stack} {text}")
+    return "; ".join(parts)
+
+
+def layers_cell(record: dict) -> str:
+    """Table 9's ``layers`` column: a window, a similarity group's members, what FiPS factorised, or the wide
+    block's parts."""
+    if record.get("groups"):
+        return groups_text(record["groups"])
+    if record.get("wide"):
+        return wide_text(record["wide"])
+    if (record.get("repair") or {}).get("method") == "fips":
+        return fips_text(record["repair"])
+    return layers_text(record["windows"])
+
+
 def repair_text(repair: dict | None) -> str:
     """The local repair error of a merged model as Table 9 prints it: ``error_repaired`` (relative squared
     reconstruction error of the shared block over its window's members, 0 = exact) per stack, e.g. "0.52" or
@@ -123,7 +159,7 @@ def results_table(base: dict, rows: list[dict]) -> pd.DataFrame:
                 "fraction": r["fraction"],
                 "variant": r["variant"],
                 "choice": r["choice"],
-                "layers": groups_text(r["groups"]) if r.get("groups") else layers_text(r["windows"]),
+                "layers": layers_cell(r),
                 "ffs_removed": ffs,
                 "metric": r["metric"],
                 "test_before_ft": r.get("test_before_ft"),

@@ -48,6 +48,8 @@ from ..experiments import (
 from ..features import FeatureStore, cache_features
 from ..ffdrop import delete_ff, ffdrop_layers
 from ..finetune import FinetuneConfig, distillation_loss, finetune
+from ..fips import METHOD as FIPS
+from ..fips import FipsConfig, compress_fips
 from ..group import METHOD as GROUP
 from ..group import SIMILARITY as GROUP_SIMILARITY
 from ..group import similar_groups
@@ -58,6 +60,8 @@ from ..repair import RepairConfig, merge_and_repair
 from ..size import size_report
 from ..tasks import get_task
 from ..tie_random import tie_random
+from ..wide import METHOD as WIDE
+from ..wide import build_wide
 from .atomic import write_json
 from .settings import setting
 
@@ -156,6 +160,7 @@ def compress(
     repair: RepairConfig | None = None,
     calibration: Callable[[], Iterable[dict]] | None = None,
     seed: int = 0,
+    fips: FipsConfig | None = None,
 ) -> dict:
     """Apply one variant in place; returns the windows and, for merges, the plan (to rebuild it exactly).
 
@@ -166,9 +171,22 @@ def compress(
     ``seed`` draws tie_random's fresh block; tie_random is never repaired (see :mod:`ffmerge.tie_random`).
     ``onewide`` merges the first stack whole and deletes the other stacks' FF sublayers (:mod:`ffmerge.onewide`);
     ``group`` merges the most alike layers instead of a window (:mod:`ffmerge.group`) and returns them as
-    ``groups`` with ``windows: None``.
+    ``groups`` with ``windows: None``. ``fips`` factorises every FF block at the merge's budget for ``fraction``
+    (:mod:`ffmerge.fips`, configured by ``fips``; its fit's record under ``repair``, ``windows: None``); ``wide``
+    gives each stack one block as wide as the blocks the merge keeps, shared by all its layers (:mod:`ffmerge.wide`;
+    its layout under ``wide``).
     """
     method, anchor = split_variant(variant)
+    if method == FIPS:
+        if features is None:
+            raise ValueError("fips fits its factors to the cached FF inputs and outputs: give it the features folder")
+        report = compress_fips(model, features, fraction, fips or FipsConfig(seed=seed))
+        return {"windows": None, "plan": None, "repair": report}
+    if method == WIDE:
+        if features is None:
+            raise ValueError("wide merges each stack's parts from the cached features: give it the features folder")
+        built = build_wide(model, features, fraction, repair, solved=solved, calibration=calibration)
+        return {"windows": None, "plan": None, **built}
     windows = windows_at(method, stack_layers(model), fraction, start)
     if method == "drop":
         drop_layers(model, windows)
@@ -547,14 +565,16 @@ def build_compressed(
         repair=repair,
         calibration=calibration,
         seed=cfg["seed"],
+        fips=FipsConfig.from_cfg(cfg["fips"], cfg["seed"]) if split_variant(variant)[0] == FIPS else None,
     )
     extra = {
         "variant": variant,
         "fraction": selection["fraction"],
         "choice": choice,
-        "start": start if info["windows"] is not None else None,  # a similarity group has no window start
+        "start": start if info["windows"] is not None else None,  # a similarity group or FiPS has no window start
         "windows": info["windows"],
         **({"groups": info["groups"], "similarity": info["similarity"]} if info.get("groups") else {}),
+        **({"wide": info["wide"]} if info.get("wide") else {}),
         "plan": info["plan"],
         "repair": info.get("repair"),
         "parameters_before": before,
@@ -730,7 +750,7 @@ def _write_test_record(
         **_metric_details(task),
         "size": size_report(model).as_dict(),
         **{k: extra.get(k) for k in ("variant", "fraction", "choice", "start", "windows", "repair", "finetune")},
-        **({"groups": extra["groups"]} if extra.get("groups") else {}),
+        **{key: extra[key] for key in ("groups", "wide") if extra.get(key)},
         "device": device_record(dev, precision),
     }
     write_json(out_json, result)

@@ -16,6 +16,7 @@ from typing import Any
 LATER_DEFAULTS: dict[str, dict[str, Any]] = {
     "selection": {"precision": "fp32"},
     "search": {"repair": False},
+    "repair": {"normalize": "total"},
     "evaluation": {"precision": "fp32"},
     "finetune": {
         "precision": "fp32",
