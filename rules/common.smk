@@ -5,6 +5,7 @@ import os
 from ffmerge.experiments import (MERGES_WITH, compressed_models, fraction_label, parse_fraction_label, search_of,
                                  split_variant)
 from ffmerge.fips import METHOD as FIPS
+from ffmerge.group import METHOD as GROUP
 from ffmerge.workflow.preflight import candidate_starts
 from ffmerge.workflow.settings import params_view
 
@@ -53,11 +54,14 @@ def task_cfg(*keys):
 
 
 def compress_cfg(wildcards):
-    """Rule compress's params: the blocks it reads, and the fips block for the fips method only (so that adding or
-    editing it leaves every other compressed model as it is)."""
+    """Rule compress's params: the blocks it reads, and a method's own block for that method only (fips; group where
+    it differs from its default), so that adding or editing one leaves every other compressed model as it is."""
     params = task_cfg("evaluation", "repair", "features")(wildcards)
-    if split_variant(wildcards.get("variant", ""))[0] == FIPS:
+    method = split_variant(wildcards.get("variant", ""))[0]
+    if method == FIPS:
         params["fips"] = config["tasks"][wildcards.task]["fips"]
+    if method == GROUP and params_view("group", config["tasks"][wildcards.task]["group"]):
+        params["group"] = params_view("group", config["tasks"][wildcards.task]["group"])
     return params
 
 

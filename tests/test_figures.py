@@ -226,6 +226,7 @@ def fake_compress(
     calibration=None,
     seed=0,
     fips=None,
+    group_count=1,
 ) -> dict:
     method, _ = split_variant(variant)
     windows = windows_at(method, LAYERS, fraction, start)

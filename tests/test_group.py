@@ -17,7 +17,7 @@ from ffmerge.align import MergePlan, align_group
 from ffmerge.checkpoint import load_compressed, save_compressed, tie_map
 from ffmerge.cka import cka_matrix
 from ffmerge.experiments import window_size
-from ffmerge.group import similar_group, similar_groups
+from ffmerge.group import disjoint_groups, group_sizes, similar_group, similar_groups
 from ffmerge.merge import apply_plan, ff_block_groups
 from ffmerge.repair import RepairConfig
 from ffmerge.report.tables import groups_text
@@ -82,7 +82,7 @@ def test_the_group_method_removes_what_the_window_merge_removes_and_rebuilds_exa
     pipeline.compress(window, "permute", "1/2", 0, store, repair=repair)
     assert grouped.num_parameters() == window.num_parameters() < model.num_parameters()
     assert info["windows"] is None and info["groups"] == similar_groups(store, layers, "1/2")
-    for stack, members in info["groups"].items():
+    for stack, (members,) in info["groups"].items():
         assert len(members) == window_size("permute", layers[stack], "1/2")
         matrix, _ = cka_matrix(store, "ff_out", stacks=[stack])
         assert members == similar_group(matrix, len(members))
@@ -97,8 +97,44 @@ def test_the_group_method_removes_what_the_window_merge_removes_and_rebuilds_exa
 
 
 def test_table_9_prints_the_members():
-    assert groups_text({"decoder": [3, 7, 9, 10, 11, 12]}) == "3, 7, 9-12"
-    assert groups_text({"encoder": [0, 2], "decoder": [1, 2]}) == "encoder 0, 2; decoder 1-2"
+    assert groups_text({"decoder": [[3, 7, 9, 10, 11, 12]]}) == "3, 7, 9-12"
+    assert groups_text({"encoder": [[0, 2]], "decoder": [[1, 2]]}) == "encoder 0, 2; decoder 1-2"
+    assert groups_text({"decoder": [[1, 2, 3], [8, 10]]}) == "1-3 / 8, 10"
+    assert groups_text({"decoder": [3, 7, 9, 10, 11, 12]}) == "3, 7, 9-12"  # a file from before several groups
+
+
+def test_several_groups_share_the_budget_and_are_grown_from_the_free_layers():
+    assert group_sizes(30, "1/3", 1) == [11] and group_sizes(30, "1/3", 3) == [5, 4, 4]
+    assert group_sizes(5, "1/3", 3) == [2, 2]  # 1/3 of 5 removes 2 blocks: 2 groups of one removal each
+    with pytest.raises(ValueError, match="group.count"):
+        group_sizes(5, "1/3", 0)
+    s = np.eye(6)
+    s[0, 1] = s[1, 0] = 0.9  # the most similar pair
+    s[2, 4] = s[4, 2] = 0.8  # the most similar pair once 0 and 1 are taken
+    s[0, 2] = s[2, 0] = 0.85  # would join 0 and 1 if the first group grew to three
+    assert disjoint_groups(s, [2, 2]) == [[0, 1], [2, 4]]
+
+
+@pytest.mark.parametrize("name", ["llama", "whisper"])
+def test_two_groups_tie_exactly_their_members_at_the_window_merges_budget(name, family_stores, tmp_path):
+    model, inputs, store = family_stores(name)
+    adapter = get_adapter(model)
+    layers = {s.name: adapter.num_layers(model, s.name) for s in adapter.stacks}
+    grouped, window = copy.deepcopy(model), copy.deepcopy(model)
+    repair = RepairConfig(enabled=True, steps=3)
+    info = pipeline.compress(grouped, "group", "1/2", 0, store, repair=repair, group_count=2)
+    pipeline.compress(window, "permute", "1/2", 0, store)
+    assert grouped.num_parameters() == window.num_parameters()
+    assert info["groups"] == similar_groups(store, layers, "1/2", 2)
+    for stack, groups in info["groups"].items():
+        assert len(groups) == 2 and not set(groups[0]) & set(groups[1])
+        assert sorted(g for g in ff_block_groups(grouped, stack) if len(g) > 1) == groups
+        assert {k for k in info["repair"]["stacks"] if k.startswith(stack)} == {f"{stack}#1", f"{stack}#2"}
+    save_compressed(grouped, tmp_path / "groups")
+    loaded = load_compressed(tmp_path / "groups")
+    with torch.no_grad():
+        family = FAMILIES[name]
+        torch.testing.assert_close(family.output(loaded, inputs), family.output(grouped, inputs), rtol=0, atol=0)
 
 
 def test_table9_and_figure3_show_the_group_at_the_window_merges_parameter_reduction(family_stores):

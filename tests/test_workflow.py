@@ -328,7 +328,8 @@ def test_onewide_builds_from_the_permute_search_with_features_and_alignment(snak
 
 def test_fips_builds_from_the_feature_cache_with_its_own_config_block(snakemake_workflow):
     """FiPS reads the feature cache but no alignment, records its fraction through the permute search, has no search
-    of its own, and only its compress jobs carry the fips block (editing it rebuilds no other model)."""
+    of its own, and only its compress jobs carry the fips block (editing it rebuilds no other model); likewise the
+    group block, and only where it differs from its default."""
     from snakemake.iocontainers import Wildcards
 
     functions = snakemake_workflow.globals
@@ -342,6 +343,18 @@ def test_fips_builds_from_the_feature_cache_with_its_own_config_block(snakemake_
     assert cfg(Wildcards(fromdict=model))["fips"] == snakemake_workflow.config["tasks"]["lm"]["fips"]
     for variant in ("permute", "ffdrop", "group"):
         assert "fips" not in cfg(Wildcards(fromdict={**model, "variant": variant}))
+    # the group block: in the group method's params only where it differs from its default (a finished group model
+    # is not rebuilt by an upgrade)
+    group = snakemake_workflow.config["tasks"]["lm"]["group"]
+    assert "group" not in cfg(Wildcards(fromdict={**model, "variant": "group"}))
+    saved = dict(group)
+    try:
+        group["count"] = 2
+        assert cfg(Wildcards(fromdict={**model, "variant": "group"}))["group"] == {"count": 2}
+        assert "group" not in cfg(Wildcards(fromdict={**model, "variant": "permute"}))
+    finally:
+        group.clear()
+        group.update(saved)
     inputs = _table_inputs_with(snakemake_workflow, "lm", "fips")
     assert f"{results}/lm/eval/fips/1of3/best/post.json" in inputs["post"]
     assert not any("fips" in path for path in inputs["selections"] + inputs.get("int8", []))
@@ -1105,7 +1118,9 @@ def test_rule_params_leave_out_later_keys_at_their_default(snakemake_workflow):
                 if block in params:
                     seen.add(block)
                     assert not set(params[block]) & set(defaults), (rule.name, block, params[block])
-    assert seen == set(LATER_DEFAULTS)
+    # the group block enters only the group method's compress params, and only off its default (checked in
+    # test_fips_builds_from_the_feature_cache_with_its_own_config_block)
+    assert seen == set(LATER_DEFAULTS) - {"group"}
     saved = copy.deepcopy(task["evaluation"])
     try:
         task["evaluation"]["precision"] = "bf16"

@@ -9,9 +9,13 @@ window merge of that fraction removes.
 
 The group is grown greedily: the most similar pair first, then repeatedly the layer whose mean CKA to the
 members so far is highest (ties to the lower layer index). No window search runs: the choice comes from the
-feature cache alone, so a group costs one merge, not one evaluation per candidate. Only one group per stack is
-built; splitting a budget over several groups, and choosing by aligned correlation or by local merge error,
-are not.
+feature cache alone, so a group costs one merge, not one evaluation per candidate.
+
+``group.count`` splits the budget over several disjoint groups per stack: the fraction's removal ``R`` is
+divided as evenly as possible (``min(count, R)`` groups removing ``R / count`` blocks each, larger ones first),
+and the groups are grown one after another, each from the most similar pair among the layers no earlier group
+took.
+Choosing by aligned correlation or by local merge error instead of CKA is not built.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from .cka import cka_matrix
-from .experiments import window_size
+from .experiments import removed_count
 from .features import FeatureStore
 
 METHOD = "group"
@@ -43,10 +47,37 @@ def similar_group(similarity: np.ndarray, size: int) -> list[int]:
     return group
 
 
-def similar_groups(store: FeatureStore, layers: dict[str, int], fraction: str) -> dict[str, list[int]]:
-    """``{stack: members}``: per stack, the group of a window merge's size with the most alike FF outputs."""
+def group_sizes(n_layers: int, fraction: str, count: int) -> list[int]:
+    """Members of each of up to ``count`` groups that together remove the fraction's FF blocks, larger groups
+    first. Every group removes at least one block, so a fraction that removes fewer blocks than ``count`` gets
+    one group per removed block (Whisper's 4-layer stacks at 1/3: one group)."""
+    if count < 1:
+        raise ValueError(f"group.count {count}: at least one group is needed; set group.count to 1 or more")
+    removed = removed_count(n_layers, fraction)
+    count = min(count, removed)
+    base, extra = divmod(removed, count)
+    return [base + 2] * extra + [base + 1] * (count - extra)
+
+
+def disjoint_groups(similarity: np.ndarray, sizes: list[int]) -> list[list[int]]:
+    """Groups of ``sizes`` grown one after another (:func:`similar_group`) from the layers still free."""
+    free = list(range(len(similarity)))
+    groups = []
+    for size in sizes:
+        picked = similar_group(np.asarray(similarity)[np.ix_(free, free)], size)
+        members = [free[k] for k in picked]
+        groups.append(members)
+        free = [k for k in free if k not in members]
+    return sorted(groups)
+
+
+def similar_groups(
+    store: FeatureStore, layers: dict[str, int], fraction: str, count: int = 1
+) -> dict[str, list[list[int]]]:
+    """``{stack: [members, ...]}``: per stack, ``count`` disjoint groups with the most alike FF outputs that
+    together remove what a window merge of ``fraction`` removes."""
     groups = {}
     for stack, n in layers.items():
         matrix, _ = cka_matrix(store, "ff_out", stacks=[stack])
-        groups[stack] = similar_group(matrix, window_size("permute", n, fraction))
+        groups[stack] = disjoint_groups(matrix, group_sizes(n, fraction, count))
     return groups

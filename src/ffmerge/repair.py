@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -382,7 +383,7 @@ def merge_and_repair(
 
     return build_and_repair(
         model,
-        {a.stack: (a.anchor, list(a.layers)) for a in plan.stacks},
+        [(a.stack, a.anchor, list(a.layers)) for a in plan.stacks],
         lambda: apply_plan(model, plan),
         store,
         cfg,
@@ -393,7 +394,7 @@ def merge_and_repair(
 
 def build_and_repair(
     model: nn.Module,
-    shared: Mapping[str, tuple[int, list[int]]],
+    shared: Sequence[tuple[str, int, list[int]]],
     build: Callable[[], Any],
     store: FeatureStore,
     cfg: RepairConfig,
@@ -401,11 +402,14 @@ def build_and_repair(
     calibration: Callable[[], Iterable[Mapping[str, Any]]] | None = None,
     device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
-    """Fold (if configured), ``build()`` the shared blocks, then repair each: ``shared`` is ``{stack: (anchor,
-    members)}``, the layer whose FF modules every member holds after ``build`` and the members it serves. Any
-    construction of one shared block per stack (a merge, :mod:`ffmerge.wide`'s widened block) is repaired alike."""
+    """Fold (if configured), ``build()`` the shared blocks, then repair each: ``shared`` lists ``(stack, anchor,
+    members)``, the layer whose FF modules every member holds after ``build`` and the members it serves. Any
+    construction of shared blocks (a merge, several groups of one stack, :mod:`ffmerge.wide`'s widened block) is
+    repaired alike. The report is keyed by stack, or ``stack#k`` where a stack has several blocks."""
     adapter = get_adapter(model)
-    windows = {stack: layers for stack, (_, layers) in shared.items()}
+    windows: dict[str, list[int]] = {}
+    for stack, _, layers in shared:
+        windows[stack] = sorted({*windows.get(stack, []), *layers})
     folded = {stack: fold_scales(model, stack, layers) for stack, layers in windows.items()} if cfg.fold else {}
     build()
     data = {stack: store_data(store, stack, layers) for stack, layers in windows.items()}
@@ -422,9 +426,14 @@ def build_and_repair(
         for stack, per_layer in captured.items():
             data[stack].x = {j: x.to(data[stack].y[j].device) for j, x in per_layer.items()}
     report: dict[str, Any] = {"config": {k: v for k, v in asdict(cfg).items() if k != "enabled"}, "stacks": {}}
-    for stack, (anchor, _) in shared.items():
+    blocks = Counter(stack for stack, _, _ in shared)
+    seen: Counter[str] = Counter()
+    for stack, anchor, layers in shared:
         started = time.perf_counter()
-        d = data[stack]
+        seen[stack] += 1
+        key = stack if blocks[stack] == 1 else f"{stack}#{seen[stack]}"
+        whole = data[stack]
+        d = MemberData(stack, list(layers), {j: whole.x[j] for j in layers}, {j: whole.y[j] for j in layers})
         block = adapter.ff_forward(model, stack, anchor)
         stats: dict[str, Any] = {"layers": d.layers, "tokens": len(d.x[d.layers[0]])}
         stats["error_merged"] = after = before = relative_error(block, d)
@@ -445,8 +454,8 @@ def build_and_repair(
                 stats["reverted"], after = True, before
         stats["error_repaired"] = after
         stats["seconds"] = round(time.perf_counter() - started, 2)
-        log.info(f"repair {stack}: {stats}")
-        report["stacks"][stack] = stats
+        log.info(f"repair {key}: {stats}")
+        report["stacks"][key] = stats
     return report
 
 

@@ -130,7 +130,7 @@ def build_wide(
     layout: dict[str, Any] = {}
     if repair is None or not repair.enabled:
         return {"wide": widen(model, store, fraction, solved), "repair": None}
-    members = {s.name: (0, list(range(adapter.num_layers(model, s.name)))) for s in adapter.stacks}
+    members = [(s.name, 0, list(range(adapter.num_layers(model, s.name)))) for s in adapter.stacks]
     report = build_and_repair(
         model,
         members,

@@ -29,17 +29,22 @@ def layers_text(windows: dict[str, list[int]] | None) -> str:
     return "; ".join(parts)
 
 
-def groups_text(groups: dict[str, list[int]]) -> str:
-    """A similarity group's members, runs of adjacent layers joined, e.g. "3, 7, 9-12" (or per stack)."""
+def groups_text(groups: dict[str, list[list[int]] | list[int]]) -> str:
+    """Similarity groups' members, runs of adjacent layers joined, groups split by " / ", e.g. "3, 7, 9-12" or
+    "1-3 / 8, 10" (or per stack). A flat member list (files written before several groups existed) is one group."""
     parts = []
-    for stack, members in groups.items():
-        runs: list[list[int]] = []
-        for j in sorted(members):
-            if runs and j == runs[-1][-1] + 1:
-                runs[-1].append(j)
-            else:
-                runs.append([j])
-        text = ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs)
+    for stack, entry in groups.items():
+        sets = [entry] if entry and isinstance(entry[0], int) else entry
+        texts = []
+        for members in sets:
+            runs: list[list[int]] = []
+            for j in sorted(members):
+                if runs and j == runs[-1][-1] + 1:
+                    runs[-1].append(j)
+                else:
+                    runs.append([j])
+            texts.append(", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs))
+        text = " / ".join(texts)
         parts.append(text if len(groups) == 1 else f"{stack} {text}")
     return "; ".join(parts)
 

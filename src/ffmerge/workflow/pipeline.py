@@ -161,6 +161,7 @@ def compress(
     calibration: Callable[[], Iterable[dict]] | None = None,
     seed: int = 0,
     fips: FipsConfig | None = None,
+    group_count: int = 1,
 ) -> dict:
     """Apply one variant in place; returns the windows and, for merges, the plan (to rebuild it exactly).
 
@@ -170,8 +171,9 @@ def compress(
     ``calibration`` yields the calibration batches when the repair takes its inputs from the merged model.
     ``seed`` draws tie_random's fresh block; tie_random is never repaired (see :mod:`ffmerge.tie_random`).
     ``onewide`` merges the first stack whole and deletes the other stacks' FF sublayers (:mod:`ffmerge.onewide`);
-    ``group`` merges the most alike layers instead of a window (:mod:`ffmerge.group`) and returns them as
-    ``groups`` with ``windows: None``. ``fips`` factorises every FF block at the merge's budget for ``fraction``
+    ``group`` merges the most alike layers instead of a window (:mod:`ffmerge.group`; ``group_count`` disjoint
+    groups per stack) and returns them as ``groups`` (``{stack: [members, ...]}``) with ``windows: None``.
+    ``fips`` factorises every FF block at the merge's budget for ``fraction``
     (:mod:`ffmerge.fips`, configured by ``fips``; its fit's record under ``repair``, ``windows: None``); ``wide``
     gives each stack one block as wide as the blocks the merge keeps, shared by all its layers (:mod:`ffmerge.wide`;
     its layout under ``wide``).
@@ -211,7 +213,8 @@ def compress(
             feature=features.manifest["feature"],
             stacks=[
                 align_group(features, s, members, anchor=anchor, solved=solved)
-                for s, members in similar_groups(features, stack_layers(model), fraction).items()
+                for s, groups in similar_groups(features, stack_layers(model), fraction, group_count).items()
+                for members in groups
             ],
         )
     elif method == ONEWIDE:
@@ -226,7 +229,9 @@ def compress(
     else:
         apply_plan(model, merge_plan)
     if method == GROUP:
-        groups = {a.stack: a.layers for a in merge_plan.stacks}
+        groups: dict[str, list[list[int]]] = {}
+        for a in merge_plan.stacks:
+            groups.setdefault(a.stack, []).append(a.layers)
         return {**info, "windows": None, "groups": groups, "similarity": GROUP_SIMILARITY}
     if method == ONEWIDE:
         delete_ff(model, deleted)  # after the repair, which reads only the shared stack's cached features
@@ -566,6 +571,7 @@ def build_compressed(
         calibration=calibration,
         seed=cfg["seed"],
         fips=FipsConfig.from_cfg(cfg["fips"], cfg["seed"]) if split_variant(variant)[0] == FIPS else None,
+        group_count=setting(cfg, "group", "count") if split_variant(variant)[0] == GROUP else 1,
     )
     extra = {
         "variant": variant,

@@ -17,6 +17,7 @@ LATER_DEFAULTS: dict[str, dict[str, Any]] = {
     "selection": {"precision": "fp32"},
     "search": {"repair": False},
     "repair": {"normalize": "total"},
+    "group": {"count": 1},
     "evaluation": {"precision": "fp32"},
     "finetune": {
         "precision": "fp32",
