@@ -12,7 +12,7 @@ members so far is highest (ties to the lower layer index). No window search runs
 feature cache alone, so a group costs one merge, not one evaluation per candidate.
 
 ``group.count`` splits the budget over several disjoint groups per stack: the fraction's removal ``R`` is
-divided as evenly as possible (``min(count, R)`` groups removing ``R / count`` blocks each, larger ones first),
+divided as evenly as possible over ``min(count, R)`` groups (larger ones first, each removing at least one),
 and the groups are grown one after another, each from the most similar pair among the layers no earlier group
 took.
 Choosing by aligned correlation or by local merge error instead of CKA is not built.
@@ -74,7 +74,7 @@ def disjoint_groups(similarity: np.ndarray, sizes: list[int]) -> list[list[int]]
 def similar_groups(
     store: FeatureStore, layers: dict[str, int], fraction: str, count: int = 1
 ) -> dict[str, list[list[int]]]:
-    """``{stack: [members, ...]}``: per stack, ``count`` disjoint groups with the most alike FF outputs that
+    """``{stack: [members, ...]}``: per stack, up to ``count`` disjoint groups with the most alike FF outputs that
     together remove what a window merge of ``fraction`` removes."""
     groups = {}
     for stack, n in layers.items():
