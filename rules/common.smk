@@ -57,11 +57,13 @@ def compress_cfg(wildcards):
     """Rule compress's params: the blocks it reads, and a method's own block for that method only (fips; group where
     it differs from its default), so that adding or editing one leaves every other compressed model as it is."""
     params = task_cfg("evaluation", "repair", "features")(wildcards)
+    cfg = config["tasks"][wildcards.task]
     method = split_variant(wildcards.get("variant", ""))[0]
     if method == FIPS:
-        params["fips"] = config["tasks"][wildcards.task]["fips"]
-    if method == GROUP and params_view("group", config["tasks"][wildcards.task]["group"]):
-        params["group"] = params_view("group", config["tasks"][wildcards.task]["group"])
+        params["fips"] = cfg["fips"]
+    group = params_view("group", cfg["group"])
+    if method == GROUP and group:
+        params["group"] = group
     return params
 
 

@@ -38,7 +38,7 @@ from torch import nn
 from .adapters import get_adapter, set_submodule
 from .experiments import removed_count
 from .features import FeatureStore
-from .repair import MemberData, _as_out_in, store_data
+from .repair import MemberData, Picks, _as_out_in, adam_fit, error_sums, store_data
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,10 @@ class FactorLinear(nn.Module):
         self.side, self.width = side, width
         self.basis = basis
         self.coeffs = nn.Parameter(basis.new_zeros(basis.shape[1], width))
-        self.register_buffer("mask", torch.ones(basis.shape[1], width, dtype=torch.bool, device=basis.device))
+        # not in the plain state dict: _save_to_state_dict writes it packed as mask_bits
+        self.register_buffer(
+            "mask", torch.ones(basis.shape[1], width, dtype=torch.bool, device=basis.device), persistent=False
+        )
         out_features = width if side == "in" else basis.shape[0]
         self.bias = nn.Parameter(basis.new_zeros(out_features)) if bias else None
 
@@ -177,12 +180,9 @@ class FactorLinear(nn.Module):
                 with torch.no_grad():
                     self.mask.copy_(mask)
                 state_dict[prefix + "coeffs"] = dense
-        state_dict.pop(prefix + "mask", None)  # never stored; tolerated if a caller passes it
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        if prefix + "mask" in missing_keys:  # rebuilt from mask_bits above
-            missing_keys.remove(prefix + "mask")
 
     def extra_repr(self) -> str:
         return f"side={self.side}, d={self.basis.shape[0]}, rank={self.basis.shape[1]}, width={self.width}"
@@ -324,18 +324,6 @@ def _members(model: nn.Module, stack: str, group: list[int]) -> dict[int, Any]:
     return {j: adapter.ff_forward(model, stack, j) for j in group}
 
 
-def group_error(blocks: Mapping[int, Any], data: MemberData, chunk: int = 4096) -> tuple[float, float]:
-    """``(sum_l ||FF_l(x_l) - y_l||^2, sum_l ||y_l||^2)`` over every cached position of the group."""
-    err = energy = 0.0
-    with torch.no_grad():
-        for j in data.layers:
-            for s in range(0, len(data.x[j]), chunk):
-                y = data.y[j][s : s + chunk]
-                err += float((blocks[j](data.x[j][s : s + chunk]) - y).pow(2).sum())
-                energy += float(y.pow(2).sum())
-    return err, energy
-
-
 def fit_group(blocks: Mapping[int, Any], factors: list[FactorLinear], data: MemberData, keep: int, cfg: FipsConfig):
     """Adam on the group's basis, coefficients and biases against the members' summed reconstruction error,
     while GMP prunes every ``V_i`` from dense to ``keep`` non-zeros; ends exactly at ``keep``. Returns the losses."""
@@ -343,24 +331,27 @@ def fit_group(blocks: Mapping[int, Any], factors: list[FactorLinear], data: Memb
     full = factors[0].mask.numel()
     end = max(1, round(cfg.prune_end * cfg.steps))
     energy = sum(float(data.y[j].pow(2).sum(1).mean()) for j in data.layers)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    per_member = -(-cfg.batch_tokens // len(data.layers))
-    optimizer = torch.optim.Adam(params, lr=cfg.lr)
-    losses = []
-    with torch.enable_grad():
-        for step in range(cfg.steps):
-            if step % cfg.prune_every == 0 and step > 0:
-                for f in factors:
-                    f.prune_to(gmp_keep(step, end, full, keep))
-            optimizer.zero_grad(set_to_none=True)
-            loss = 0.0
-            for j in data.layers:
-                pick = torch.randint(len(data.x[j]), (per_member,), generator=generator)
-                loss = loss + (blocks[j](data.x[j][pick]) - data.y[j][pick]).pow(2).sum() / per_member
-            loss = loss / energy
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+
+    def prune(step: int) -> None:
+        if step % cfg.prune_every == 0 and step > 0:
+            for f in factors:
+                f.prune_to(gmp_keep(step, end, full, keep))
+
+    def loss(picks: Picks) -> torch.Tensor:
+        per_member = len(picks[0][1])
+        total = sum((blocks[j](data.x[j][pick]) - data.y[j][pick]).pow(2).sum() / per_member for j, pick in picks)
+        return total / energy
+
+    losses = adam_fit(
+        params,
+        loss,
+        data,
+        steps=cfg.steps,
+        lr=cfg.lr,
+        batch_tokens=cfg.batch_tokens,
+        seed=cfg.seed,
+        before_step=prune,
+    )
     for f in factors:
         f.prune_to(keep)  # the final mask, exactly at the budget (also the one-shot prune of steps: 0)
     return losses
@@ -403,16 +394,16 @@ def factorize_stack(
             continue
         data = store_data(store, stack, group)
         blocks = _members(model, stack, group)
-        svd, energy = group_error(blocks, data)
+        svd, energy = error_sums(blocks, data)
         start = _snapshot(factors)
         for f in factors:
             f.prune_to(keep)
-        pruned = fitted = group_error(blocks, data)[0]
+        pruned = fitted = error_sums(blocks, data)[0]
         if cfg.steps and pruned > cfg.tolerance * energy:
             one_shot = _snapshot(factors)
             _restore(factors, start)  # the fit prunes gradually from the dense start
             fit_group(blocks, factors, data, keep, cfg)
-            fitted = group_error(blocks, data)[0]
+            fitted = error_sums(blocks, data)[0]
             if fitted >= pruned:  # a fit that made the group worse is undone
                 _restore(factors, one_shot)
                 fitted, reverted = pruned, reverted + 1

@@ -261,15 +261,24 @@ def capture_inputs(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def relative_error(block: Callable[[torch.Tensor], torch.Tensor], data: MemberData, chunk: int = 4096) -> float:
-    """``sum_l ||block(x_l) - y_l||^2 / sum_l ||y_l||^2`` over every cached position."""
+def error_sums(
+    blocks: Mapping[int, Callable[[torch.Tensor], torch.Tensor]], data: MemberData, chunk: int = 4096
+) -> tuple[float, float]:
+    """``(sum_l ||blocks[l](x_l) - y_l||^2, sum_l ||y_l||^2)`` over every cached position, each member through its
+    own block (FiPS factorises every member separately; a merge's members share one)."""
     err = energy = 0.0
     with torch.no_grad():
         for j in data.layers:
             for s in range(0, len(data.x[j]), chunk):
                 y = data.y[j][s : s + chunk]
-                err += float((block(data.x[j][s : s + chunk]) - y).pow(2).sum())
+                err += float((blocks[j](data.x[j][s : s + chunk]) - y).pow(2).sum())
                 energy += float(y.pow(2).sum())
+    return err, energy
+
+
+def relative_error(block: Callable[[torch.Tensor], torch.Tensor], data: MemberData, chunk: int = 4096) -> float:
+    """``sum_l ||block(x_l) - y_l||^2 / sum_l ||y_l||^2`` over every cached position."""
+    err, energy = error_sums(dict.fromkeys(data.layers, block), data, chunk)
     return err / max(energy, 1e-30)
 
 
@@ -349,18 +358,45 @@ def fit_block(
         energy = float(len(data.layers))
     else:
         energy = sum(energies.values())
-    generator = torch.Generator().manual_seed(cfg.seed)
-    per_member = -(-cfg.batch_tokens // len(data.layers))
-    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    return adam_fit(
+        params,
+        lambda picks: error(block, data, picks) / energy,
+        data,
+        steps=cfg.steps,
+        lr=cfg.lr,
+        batch_tokens=cfg.batch_tokens,
+        seed=cfg.seed,
+    )
+
+
+def adam_fit(
+    params: list[nn.Parameter],
+    loss: Callable[[Picks], torch.Tensor],
+    data: MemberData,
+    *,
+    steps: int,
+    lr: float,
+    batch_tokens: int,
+    seed: int,
+    before_step: Callable[[int], Any] | None = None,
+) -> list[float]:
+    """The block-reconstruction loop of the repair and of FiPS: ``steps`` Adam steps on ``params``, each on
+    ``batch_tokens`` positions drawn evenly over the members (seeded, member by member); ``before_step(step)``
+    runs first in every step (FiPS prunes there). Returns the loss per step."""
+    generator = torch.Generator().manual_seed(seed)
+    per_member = -(-batch_tokens // len(data.layers))
+    optimizer = torch.optim.Adam(params, lr=lr)
     losses = []
     with torch.enable_grad():
-        for _ in range(cfg.steps):
+        for step in range(steps):
+            if before_step is not None:
+                before_step(step)
             optimizer.zero_grad(set_to_none=True)
             picks = [(j, torch.randint(len(data.x[j]), (per_member,), generator=generator)) for j in data.layers]
-            loss = error(block, data, picks) / energy
-            loss.backward()
+            value = loss(picks)
+            value.backward()
             optimizer.step()
-            losses.append(loss.item())
+            losses.append(value.item())
     return losses
 
 

@@ -55,8 +55,9 @@ def _stored_counts(model: nn.Module) -> tuple[dict[int, int], int]:
     return stored, index
 
 
-def _int8_bytes(model: nn.Module) -> int:
-    """Bytes if every linear weight were int8 with one float32 scale per output feature."""
+def _int8_bytes(model: nn.Module, stored: dict[int, int], index: int) -> int:
+    """Bytes if every linear weight were int8 with one float32 scale per output feature (``stored``, ``index``:
+    :func:`_stored_counts`)."""
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     linear_weights: dict[int, int] = {}
     for module in model.modules():
@@ -65,7 +66,6 @@ def _int8_bytes(model: nn.Module) -> int:
             w = module.weight
             out_features = w.shape[0] if isinstance(module, nn.Linear) else w.shape[1]
             linear_weights[id(w)] = w.numel() + 4 * out_features
-    stored, index = _stored_counts(model)
     total = index
     for p in _unique_params(model):
         total += linear_weights.get(id(p), stored.get(id(p), p.numel()) * p.element_size())
@@ -95,6 +95,6 @@ def size_report(model: nn.Module) -> SizeReport:
         ff_blocks=blocks,
         ff_blocks_removed=removed,
         bytes=sum(stored.get(id(p), p.numel()) * p.element_size() for p in params) + index,
-        bytes_int8_linear=_int8_bytes(model),
+        bytes_int8_linear=_int8_bytes(model, stored, index),
         index_bytes=index,
     )

@@ -179,16 +179,6 @@ def compress(
     its layout under ``wide``).
     """
     method, anchor = split_variant(variant)
-    if method == FIPS:
-        if features is None:
-            raise ValueError("fips fits its factors to the cached FF inputs and outputs: give it the features folder")
-        report = compress_fips(model, features, fraction, fips or FipsConfig(seed=seed))
-        return {"windows": None, "plan": None, "repair": report}
-    if method == WIDE:
-        if features is None:
-            raise ValueError("wide merges each stack's parts from the cached features: give it the features folder")
-        built = build_wide(model, features, fraction, repair, solved=solved, calibration=calibration)
-        return {"windows": None, "plan": None, **built}
     windows = windows_at(method, stack_layers(model), fraction, start)
     if method == "drop":
         drop_layers(model, windows)
@@ -199,10 +189,16 @@ def compress(
     if method == "tie_random":
         tie_random(model, windows, seed)
         return {"windows": windows, "plan": None, "repair": None}
-    if method not in MERGES_WITH:
+    if method not in MERGES_WITH and method != FIPS:
         raise ValueError(f"unknown variant {variant!r}")
     if features is None and plan is None:
-        raise ValueError(f"variant {variant} needs cached features")
+        raise ValueError(f"variant {variant} builds from the cached features: give it the features folder")
+    if method == FIPS:
+        report = compress_fips(model, features, fraction, fips or FipsConfig(seed=seed))
+        return {"windows": None, "plan": None, "repair": report}
+    if method == WIDE:
+        built = build_wide(model, features, fraction, repair, solved=solved, calibration=calibration)
+        return {"windows": None, "plan": None, **built}
     if method == ONEWIDE:
         shared, deleted = onewide_layout(stack_layers(model), fraction)
     if plan is not None:  # a recorded plan rebuilds the merge exactly, without aligning anything again
@@ -553,6 +549,7 @@ def build_compressed(
     With ``eval_json`` the saved model's test metric is measured in the same process (see :func:`evaluate`).
     """
     task = get_task(cfg)
+    method, _ = split_variant(variant)
     model = load_model(model_dir, auto_class=task.auto_class)
     before = model.num_parameters()
     selection = read_json(selection_json)
@@ -570,8 +567,8 @@ def build_compressed(
         repair=repair,
         calibration=calibration,
         seed=cfg["seed"],
-        fips=FipsConfig.from_cfg(cfg["fips"], cfg["seed"]) if split_variant(variant)[0] == FIPS else None,
-        group_count=setting(cfg, "group", "count") if split_variant(variant)[0] == GROUP else 1,
+        fips=FipsConfig.from_cfg(cfg["fips"], cfg["seed"]) if method == FIPS else None,
+        group_count=setting(cfg, "group", "count") if method == GROUP else 1,
     )
     extra = {
         "variant": variant,
